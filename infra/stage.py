@@ -1,0 +1,160 @@
+"""Running one stage through the store: version, skip-if-committed, lease, run, commit.
+
+A stage is a pure function ``run_x(cfg, inputs, out) -> stats`` living in ``tasks/x.py``
+beside a ``CODE_VERSION`` string (bump it when the stage's output changes for the same
+config). Optionally the module defines ``input_fingerprint(cfg) -> str`` for inputs that
+are not stages (files on disk, URLs). Nothing here imports Prefect: the same call runs
+under a Prefect task, a Dask worker or a plain script.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+from pydantic import BaseModel
+
+from infra.config import PipelineConfig, Section
+from infra.store import StageDir, StageRef, Store, stage_version
+
+log = logging.getLogger("lmfoundry.stage")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One row of a pipeline's table of contents."""
+
+    name: str
+    run: str  # "tasks.exact_dedup:run_exact_dedup"
+    section: str | Callable[[PipelineConfig], Section]  # which part of the config the stage receives
+    inputs: tuple[str, ...] = ()
+
+    def module(self):
+        return importlib.import_module(self.run.split(":")[0])
+
+    def function(self) -> Callable[..., Any]:
+        return getattr(self.module(), self.run.split(":")[1])
+
+    def code_version(self) -> str:
+        return str(getattr(self.module(), "CODE_VERSION"))
+
+    def config(self, root: PipelineConfig) -> Section:
+        return self.section(root) if callable(self.section) else getattr(root, self.section)
+
+    def enabled(self, root: PipelineConfig) -> bool:
+        """A section with `enabled: false` turns its stage into a pass-through of its first input."""
+        return bool(getattr(self.config(root), "enabled", True))
+
+    def external_fingerprint(self, cfg: Section) -> str:
+        fingerprint = getattr(self.module(), "input_fingerprint", None)
+        return fingerprint(cfg) if fingerprint else ""
+
+    def version(self, root: PipelineConfig, input_digests: list[str], salt: str = "") -> str:
+        cfg = self.config(root)
+        digests = list(input_digests) + ([f"external:{self.external_fingerprint(cfg)}"] if self.external_fingerprint(cfg) else [])
+        return stage_version(self.name, self.code_version(), cfg.identity(), digests, salt)
+
+
+class StageOutcome(BaseModel):
+    ref: StageRef
+    status: Literal["ran", "skipped"]
+    stats: dict[str, Any]
+
+
+def stats_dict(stats: Any) -> dict[str, Any]:
+    if stats is None:
+        return {}
+    if isinstance(stats, BaseModel):
+        return stats.model_dump(mode="json")
+    return dict(stats)
+
+
+def run_stage(
+    store: Store,
+    spec: StageSpec,
+    root: PipelineConfig,
+    inputs: list[StageRef],
+    *,
+    salt: str = "",
+    run_id: str | None = None,
+) -> StageOutcome:
+    """Run one stage unless this exact version is committed; returns the committed ref."""
+    cfg = spec.config(root)
+    version = spec.version(root, [ref.digest for ref in inputs], salt)
+    if not store.is_committed(spec.name, version):
+        with store.lease(spec.name, version):
+            # another writer may have committed while we waited for the lease
+            if not store.is_committed(spec.name, version):
+                return _run_and_commit(store, spec, cfg, root, inputs, version, salt, run_id)
+    log.info("stage %s version %s is committed: reusing it", spec.name, version)
+    manifest = store.manifest(spec.name, version)
+    store.set_ref(root.store.pipeline, spec.name, version, run_id)
+    return StageOutcome(ref=store.ref(spec.name, version), status="skipped", stats=manifest.get("stats", {}))
+
+
+def _run_and_commit(store, spec, cfg, root, inputs, version, salt, run_id) -> StageOutcome:
+    out = store.open_for_write(spec.name, version)
+    out.compute = root.compute
+    resumed = len(out.marked_files())
+    log.info("stage %s version %s: running%s", spec.name, version, f" (resuming, {resumed} files already done)" if resumed else "")
+    stats = stats_dict(spec.function()(cfg, inputs, out))
+    ref = store.commit(
+        out,
+        {
+            "code_version": spec.code_version(),
+            "config": cfg.model_dump(mode="json"),
+            "identity": cfg.identity(),
+            "inputs": [r.model_dump() for r in inputs],
+            "external_inputs": spec.external_fingerprint(cfg),
+            "salt": salt,
+            "run_id": run_id,
+            "resumed_files": resumed,
+            "stats": stats,
+        },
+    )
+    store.set_ref(root.store.pipeline, spec.name, version, run_id)
+    return StageOutcome(ref=ref, status="ran", stats=stats)
+
+
+class PlanRow(BaseModel):
+    stage: str
+    version: str | None  # None when an upstream stage must run first
+    action: Literal["skip", "run", "run (upstream changes)", "disabled"]
+    current: str | None  # the version the pipeline's ref points at now
+    reason: str
+
+
+def plan(store: Store, stages: list[StageSpec], root: PipelineConfig, forced: set[str] = frozenset()) -> list[PlanRow]:
+    """What a run with this config would do, stage by stage, without running anything."""
+    digests: dict[str, str | None] = {}  # None: a disabled stage with no input
+    rows = []
+    for spec in stages:
+        current = store.get_ref(root.store.pipeline, spec.name)
+        if not spec.enabled(root):
+            digests[spec.name] = digests.get(spec.inputs[0]) if spec.inputs else None
+            rows.append(PlanRow(stage=spec.name, version=None, action="disabled", current=current, reason="disabled in config: passes its first input through"))
+            continue
+        if any(name not in digests for name in spec.inputs):
+            rows.append(PlanRow(stage=spec.name, version=None, action="run (upstream changes)", current=current, reason="an input stage will produce a new version"))
+            continue
+        version = spec.version(root, [digests[name] for name in spec.inputs if digests[name] is not None])
+        manifest = store.manifest(spec.name, version)
+        if spec.name in forced:
+            rows.append(PlanRow(stage=spec.name, version=version, action="run", current=current, reason="forced"))
+        elif manifest is not None:
+            digests[spec.name] = manifest["digest"]
+            rows.append(PlanRow(stage=spec.name, version=version, action="skip", current=current, reason="committed with this config and inputs"))
+        else:
+            why = "never run" if current is None else f"config, code or inputs changed since {current}"
+            rows.append(PlanRow(stage=spec.name, version=version, action="run", current=current, reason=why))
+    return rows
+
+
+def downstream(stages: list[StageSpec], names: set[str]) -> set[str]:
+    """The given stages plus everything that depends on them."""
+    closed = set(names)
+    for spec in stages:  # stages are listed in topological order
+        if closed.intersection(spec.inputs):
+            closed.add(spec.name)
+    return closed
