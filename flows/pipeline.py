@@ -4,6 +4,7 @@ Order is topological: a stage appears after the stages it reads.
 """
 from __future__ import annotations
 
+from infra.config import ConfigError
 from infra.stage import StageSpec
 
 STAGES: list[StageSpec] = [
@@ -18,7 +19,7 @@ def stage(name: str) -> StageSpec:
     for spec in STAGES:
         if spec.name == name:
             return spec
-    raise KeyError(f"unknown stage '{name}'; stages are: {', '.join(STAGE_NAMES)}")
+    raise ConfigError(f"unknown stage '{name}'; stages are: {', '.join(STAGE_NAMES)}")
 
 
 def stages_until(until: str | None) -> list[StageSpec]:

@@ -4,7 +4,7 @@ Layout under the store root::
 
     stages/<stage>/<version>/            one directory per stage version
         data/part-00000.parquet          outputs (any relative path)
-        _markers/<relpath>.json          per-file completion marker: size, sha256, rows
+        _markers/<relpath>.json          per-file completion marker: size, checksum (xxh3-128), rows
         _lease.json                      who is writing this version right now
         manifest.json                    written LAST: the commit
     refs/<pipeline>/<stage>/<time>-<version>.json   named refs; the newest is current
@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import fsspec
+import xxhash
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
@@ -72,6 +73,11 @@ def stage_version(stage: str, code_version: str, identity: dict[str, Any], input
         default=str,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def checksum(data: bytes) -> str:
+    """File checksum: xxh3-128 (10+ GB/s; integrity and content identity, not security)."""
+    return "xxh3_128:" + xxhash.xxh3_128_hexdigest(data)
 
 
 def utc_now() -> str:
@@ -117,15 +123,16 @@ class Store:
     def version_path(self, stage: str, version: str) -> str:
         return self.path("stages", stage, version)
 
-    def write_bytes_atomic(self, path: str, data: bytes) -> None:
-        """Readers see the whole file or nothing."""
+    def write_bytes_atomic(self, path: str, data: bytes, durable: bool = False) -> None:
+        """Readers see the whole file or nothing; `durable` also waits until it is on disk."""
         if self.is_local:
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
             tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
             with open(tmp, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
         else:
             self.fs.pipe_file(path, data)  # a single PUT: atomic on S3
@@ -134,13 +141,16 @@ class Store:
         """Create a file only if it does not exist; True if we created it."""
         if self.is_local:
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
             try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.link(tmp, path)  # atomic and exclusive: readers never see a half-written lease
+                return True
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            return True
+            finally:
+                os.unlink(tmp)
         try:
             self.fs.pipe_file(path, data, mode="create")  # S3 conditional write (If-None-Match: *)
             return True
@@ -194,7 +204,7 @@ class Store:
     def commit(self, out: "StageDir", fields: dict[str, Any]) -> StageRef:
         """Write the manifest (last) listing every marked file; returns the new ref."""
         files = out.marked_files()
-        digest = hashlib.sha256("\n".join(f"{p}:{m['sha256']}" for p, m in sorted(files.items())).encode()).hexdigest()
+        digest = hashlib.sha256("\n".join(f"{p}:{m['checksum']}" for p, m in sorted(files.items())).encode()).hexdigest()
         manifest = {
             "stage": out.stage,
             "version": out.version,
@@ -207,7 +217,9 @@ class Store:
             **fields,
         }
         faults.hit(out.stage, "before_commit")
-        self.write_bytes_atomic(posixpath.join(out.path, MANIFEST), json.dumps(manifest, indent=2, default=str).encode())
+        if self.is_local:
+            os.sync()  # one flush of every file written before the manifest makes them visible
+        self.write_bytes_atomic(posixpath.join(out.path, MANIFEST), json.dumps(manifest, indent=2, default=str).encode(), durable=True)
         return StageRef(stage=out.stage, version=out.version, store_url=self.url, digest=digest)
 
     # ------------------------------------------------------------------ named refs
@@ -323,14 +335,21 @@ class StageDir:
         return posixpath.join(self.path, MARKERS, relpath + ".json")
 
     def done(self, relpath: str) -> bool:
-        return self.store.fs.exists(self._marker_path(relpath))
+        """True when the file was completely written (its marker exists and the size matches)."""
+        marker = self.marker(relpath)
+        if marker is None:
+            return False
+        try:
+            return self.store.fs.size(posixpath.join(self.path, relpath)) == marker["size"]
+        except FileNotFoundError:
+            return False
 
     def marker(self, relpath: str) -> dict | None:
         return self.store.read_json(self._marker_path(relpath))
 
     def write_bytes(self, relpath: str, data: bytes, rows: int | None = None, **extra: Any) -> None:
         self.store.write_bytes_atomic(posixpath.join(self.path, relpath), data)
-        marker = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "rows": rows, **extra}
+        marker = {"size": len(data), "checksum": checksum(data), "rows": rows, **extra}
         self.store.write_bytes_atomic(self._marker_path(relpath), json.dumps(marker).encode())
         self._marked_count += 1
         faults.hit(self.stage, "after_file", self._marked_count)

@@ -62,3 +62,11 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url(prefect_harness) -> str:
+    """The harness server's API URL, for `lmf` subprocesses (saves a temporary server per call)."""
+    import prefect.settings
+
+    return prefect.settings.PREFECT_API_URL.value()

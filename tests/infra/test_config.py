@@ -1,0 +1,45 @@
+"""The config tree: presets, overrides, identity vs execution fields, clear errors."""
+from __future__ import annotations
+
+import pytest
+
+from infra.config import ConfigError, PipelineConfig, build_config, load_config
+
+
+def test_demo_preset_loads_and_overrides_apply():
+    cfg = load_config(None, ["near_dedup.threshold=0.85", "compute.workers=1"])
+    assert cfg.near_dedup.threshold == 0.85
+    assert cfg.compute.workers == 1
+    assert cfg.ingest.sources, "the demo preset names real sources"
+
+
+def test_sections_are_frozen_and_strict():
+    cfg = PipelineConfig()
+    with pytest.raises(Exception):
+        cfg.near_dedup.threshold = 0.5  # type: ignore[misc]
+    with pytest.raises(ConfigError, match=r"near_dedup\.thresold: Extra inputs are not permitted"):
+        build_config({}, ["near_dedup.thresold=0.85"])
+
+
+def test_invalid_value_names_the_field_path():
+    with pytest.raises(ConfigError, match=r"near_dedup\.threshold: Input should be less than or equal to 1"):
+        build_config({}, ["near_dedup.threshold=3"])
+    with pytest.raises(ConfigError, match="expected KEY.PATH=VALUE"):
+        build_config({}, ["near_dedup.threshold"])
+
+
+def test_missing_or_malformed_preset(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(bad)
+
+
+def test_execution_fields_are_not_identity():
+    base = PipelineConfig()
+    knobs = build_config({}, ["compute.workers=7", "store.lease_ttl_s=5"])
+    assert base.compute.identity() == knobs.compute.identity()
+    assert base.store.identity() == knobs.store.identity()
+    assert build_config({}, ["exact_dedup.normalize=none"]).exact_dedup.identity() != base.exact_dedup.identity()
