@@ -1,0 +1,270 @@
+"""Benchmark: the tokenize stage and the token loader against their raw building blocks.
+
+    lmf bench tokenize [--data /work/shared/data] [--source warc|stdlib] [--seq-len 1024] ...
+
+Text: by default the HTML pages of the WARC files in --data, reduced to their main text with
+resiliparse inside this benchmark (``--source stdlib``: the .py files of Python's standard
+library instead). The documents are committed as document shards in a temporary store and a
+tokenizer is trained on them with the train_tokenizer stage (its time is reported, not compared).
+
+1. tokens/s: the whole ``tokenize`` stage (read document shards, encode, split, pack, write and
+   commit Arrow shards; run through the stage runner) vs ``Tokenizer.encode_batch_fast`` on the
+   same texts already in memory, in the same batches, with the same tokenizer. The stage uses
+   encode_batch_fast itself (no offsets), so the ratio is what reading, packing and writing cost;
+   the slower ``encode_batch`` (with offsets) rate is reported in quality for reference.
+2. samples/s: ``TokenLoader`` batches vs the same samples gathered from one flat file through
+   ``numpy.memmap`` (as a plain ndarray view, which skips the memmap subclass's per-index
+   overhead: the stronger baseline), with the same permutation, batch size and int64 tensors.
+   Both sides are single-threaded, so they are timed in CPU seconds (``time.process_time``),
+   which other processes on a shared machine disturb far less than wall time.
+
+Each side runs --rounds times, alternating. Tokenize: "ratio" is the median over rounds of the
+paired wall-time ratio (a round's two runs see similar load on a shared machine); "cpu_ratio"
+compares CPU seconds of all threads, i.e. exactly what reading, packing and writing add. Loader:
+the best round counts. The last stdout line is the benchmark JSON for the first comparison,
+carrying the loader comparison in "quality"; a line before it is the loader's own JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from infra.config import PipelineConfig
+from infra.docs import docs_table, shard_name
+from infra.stage import StageSpec, run_stage
+from infra.store import StageRef, Store
+from model.loader import TokenLoader
+from tasks.tokenizer import load_tokenizer
+
+TOKENIZER = StageSpec("train_tokenizer", "tasks.tokenizer:run_train_tokenizer", section="tokenizer")
+TOKENIZE = StageSpec("tokenize", "tasks.tokenize:run_tokenize", section="tokenize")
+
+
+# ---------------------------------------------------------------- input text
+
+
+def warc_texts(data: str, max_docs: int) -> list[str]:
+    from fastwarc.warc import ArchiveIterator, WarcRecordType
+    from resiliparse.extract.html2text import extract_plain_text
+    from resiliparse.parse.encoding import bytes_to_str, detect_encoding
+
+    paths = sorted(glob.glob(os.path.join(data, "*.warc.gz")))
+    if not paths:
+        raise SystemExit(f"no *.warc.gz in {data}; pass --data DIR or --source stdlib")
+    texts = []
+    for path in paths:
+        with open(path, "rb") as fh:
+            for record in ArchiveIterator(fh, record_types=WarcRecordType.response):
+                if "html" not in (record.http_headers.get("Content-Type") or ""):
+                    continue
+                body = record.reader.read()
+                text = extract_plain_text(bytes_to_str(body, detect_encoding(body)), main_content=True)
+                if text.strip():
+                    texts.append(text)
+                if len(texts) >= max_docs:
+                    return texts
+    return texts
+
+
+def stdlib_texts(max_docs: int) -> list[str]:
+    paths = sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))
+    texts = []
+    for path in paths:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if text.strip():
+            texts.append(text)
+        if len(texts) >= max_docs:
+            break
+    return texts
+
+
+def commit_documents(store: Store, texts: list[str], n_shards: int) -> tuple[StageRef, list[list[str]]]:
+    """Texts as document shards of a committed stage; returns the ref and the texts per shard."""
+    per_shard = [texts[i::n_shards] for i in range(n_shards)]
+    out = store.open_for_write("bench_docs", "v1")
+    for i, shard in enumerate(per_shard):
+        rows = [{"id": f"s{i}-{j}", "text": t, "source": "bench"} for j, t in enumerate(shard)]
+        out.write_table(shard_name(i), docs_table(rows))
+    return store.commit(out, {"stats": {}}), per_shard
+
+
+# ---------------------------------------------------------------- timed sides
+
+
+def raw_encode(tokenizer, shards: list[list[str]], batch_docs: int, fast: bool = True) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds of all threads, tokens) of encoding the texts in memory."""
+    encode = tokenizer.encode_batch_fast if fast else tokenizer.encode_batch
+    wall, cpu, tokens = time.perf_counter(), time.process_time(), 0
+    for texts in shards:
+        for i in range(0, len(texts), batch_docs):
+            tokens += sum(len(e.ids) for e in encode(texts[i : i + batch_docs], add_special_tokens=False))
+    return time.perf_counter() - wall, time.process_time() - cpu, tokens
+
+
+def stage_run(store: Store, cfg: PipelineConfig, inputs: list[StageRef], salt: str):
+    """(wall seconds, CPU seconds, outcome) of one fresh version of the tokenize stage."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    outcome = run_stage(store, TOKENIZE, cfg, inputs, salt=salt)
+    return time.perf_counter() - wall, time.process_time() - cpu, outcome
+
+
+def memmap_copy(loader: TokenLoader, path: str) -> np.ndarray:
+    """The loader's samples, in sample order, as one flat file read through numpy.memmap."""
+    with open(path, "wb") as fh:
+        for block in loader.blocks:
+            fh.write(block.tobytes())
+    mapped = np.memmap(path, dtype=loader.blocks[0].dtype, mode="r", shape=(loader.num_samples, loader.seq_len + 1))
+    return np.asarray(mapped)  # same mapping, without np.memmap's per-index overhead
+
+
+def memmap_batches(tokens: np.ndarray, batch_size: int, steps: int, seed: int) -> float:
+    """A minimal memmap loader: the same epoch permutations, gathered with one fancy index per step."""
+    n, perms = len(tokens), {}
+
+    def perm(epoch: int) -> np.ndarray:
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng(seed + epoch).permutation(n)
+        return perms[epoch]
+
+    start = time.process_time()
+    for step in range(steps):
+        first, last = step * batch_size, (step + 1) * batch_size
+        if first // n == (last - 1) // n:
+            picks = perm(first // n)[first % n : first % n + batch_size]
+        else:  # the step crosses an epoch boundary (batch_size <= n)
+            picks = np.concatenate([perm(first // n)[first % n :], perm((last - 1) // n)[: last - (last - 1) // n * n]])
+        torch.from_numpy(tokens[picks].astype(np.int64))
+    return time.process_time() - start
+
+
+def loader_batches(loader: TokenLoader, steps: int) -> float:
+    loader.load_state_dict({"sample": 0, "seed": loader.seed})
+    start = time.process_time()
+    for _ in range(steps):
+        next(loader)
+    return time.process_time() - start
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="lmf bench tokenize", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="/work/shared/data", help="folder of *.warc.gz files")
+    p.add_argument("--source", choices=("warc", "stdlib"), default="warc")
+    p.add_argument("--max-docs", type=int, default=100_000)
+    p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=16, help="loader batch size")
+    p.add_argument("--loader-steps", type=int, default=4000)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    texts = warc_texts(args.data, args.max_docs) if args.source == "warc" else stdlib_texts(args.max_docs)
+    text_origin = f"resiliparse main text of {args.data}/*.warc.gz" if args.source == "warc" else "Python stdlib .py files"
+    print(f"{len(texts)} documents, {sum(map(len, texts)) / 1e6:.1f}M characters ({text_origin})", file=sys.stderr)
+    cfg = PipelineConfig.model_validate(
+        {
+            "compute": {"workers": args.workers, "progress": False},
+            "tokenizer": {"vocab_size": args.vocab_size},
+            "tokenize": {"seq_len": args.seq_len},
+        }
+    )
+    with tempfile.TemporaryDirectory(prefix="lmf-bench-tokenize-") as tmp:
+        store = Store(os.path.join(tmp, "store"))
+        docs_ref, shards = commit_documents(store, texts, args.shards)
+        start = time.perf_counter()
+        tok_ref = run_stage(store, TOKENIZER, cfg, [docs_ref]).ref
+        train_s = time.perf_counter() - start
+        tokenizer, _ = load_tokenizer(store, tok_ref)
+        tokenizer.encode_special_tokens = True  # as the stage encodes
+
+        raw_s, stage_s, raw_cpu, stage_cpu, outcome = [], [], [], [], None
+        for r in range(args.rounds):  # paired rounds: both sides of a round see similar machine load
+            wall, cpu, n_raw = raw_encode(tokenizer, shards, cfg.tokenize.batch_docs)
+            raw_s.append(wall)
+            raw_cpu.append(cpu)
+            wall, cpu, outcome = stage_run(store, cfg, [docs_ref, tok_ref], salt=f"bench-round-{r}")
+            stage_s.append(wall)
+            stage_cpu.append(cpu)
+        offsets_s, _, _ = raw_encode(tokenizer, shards, cfg.tokenize.batch_docs, fast=False)
+        stats = outcome.stats
+        docs_out = sum(stats["docs"].values())
+        stage_raw_tokens = sum(stats["tokens"].values()) - docs_out  # without the EOS the stage adds
+        ours, baseline = n_raw / statistics.median(stage_s), n_raw / statistics.median(raw_s)
+        paired_ratio = statistics.median(r / s for r, s in zip(raw_s, stage_s))
+
+        loader = TokenLoader.from_stage(store, outcome.ref, batch_size=args.batch_size, seed=0)
+        flat = memmap_copy(loader, os.path.join(tmp, "tokens.bin"))
+        loader_s, memmap_s = [], []
+        for _ in range(args.rounds):
+            loader_s.append(loader_batches(loader, args.loader_steps))
+            memmap_s.append(memmap_batches(flat, args.batch_size, args.loader_steps, seed=0))
+        check = TokenLoader.from_stage(store, outcome.ref, batch_size=args.batch_size, seed=0)
+        same_batches = all(
+            torch.equal(next(check), torch.from_numpy(flat[check.samples_at(np.arange(s * args.batch_size, (s + 1) * args.batch_size))].astype(np.int64)))
+            for s in range(50)
+        )
+        loader_ours = args.batch_size * args.loader_steps / min(loader_s)
+        loader_base = args.batch_size * args.loader_steps / min(memmap_s)
+        loader_result = {
+            "bench": "token_loader",
+            "metric": "samples_per_s",
+            "ours": round(loader_ours, 1),
+            "baseline_name": "numpy.memmap fancy-index gather",
+            "baseline": round(loader_base, 1),
+            "ratio": round(loader_ours / loader_base, 3),
+            "n": args.batch_size * args.loader_steps,
+            "quality": {"identical_batches": same_batches, "batch_size": args.batch_size, "seq_len": args.seq_len,
+                        "samples": loader.num_samples, "files": len(loader.blocks)},
+        }
+        print(json.dumps(loader_result))
+        result = {
+            "bench": "tokenize",
+            "metric": "tokens_per_s",
+            "ours": round(ours, 1),
+            "baseline_name": "tokenizers encode_batch_fast in memory",
+            "baseline": round(baseline, 1),
+            "ratio": round(paired_ratio, 3),
+            "n": n_raw,
+            "quality": {
+                "text": text_origin,
+                "docs": len(texts),
+                "chars": sum(map(len, texts)),
+                "token_count_matches": stage_raw_tokens == n_raw,
+                "samples": stats["samples"],
+                "fill": stats["fill"],
+                "encode_batch_with_offsets_tokens_per_s": round(n_raw / offsets_s, 1),
+                "train_tokenizer_s": round(train_s, 2),
+                "ratio_is": "median over rounds of raw wall time / stage wall time (ours, baseline: median rounds)",
+                "cpu_ratio": round(statistics.median(r / s for r, s in zip(raw_cpu, stage_cpu)), 3),
+                "stage_s": [round(s, 3) for s in stage_s],
+                "raw_s": [round(s, 3) for s in raw_s],
+                "stage_cpu_s": [round(s, 3) for s in stage_cpu],
+                "raw_cpu_s": [round(s, 3) for s in raw_cpu],
+                "workers": args.workers,
+                "threads": os.cpu_count(),
+                "loader": {k: loader_result[k] for k in ("ours", "baseline", "ratio", "quality")},
+            },
+        }
+        print(json.dumps(result))
+    return 0
