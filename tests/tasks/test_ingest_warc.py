@@ -1,0 +1,202 @@
+"""WARC / WET ingest on generated archives: record types, decoding, damage, fsspec URLs."""
+from __future__ import annotations
+
+import gzip
+import io
+
+import boto3
+import pyarrow.parquet as pq
+import pytest
+from warcio.statusandheaders import StatusAndHeaders
+from warcio.warcwriter import WARCWriter
+
+from infra.config import PipelineConfig
+from infra.stage import StageSpec, run_stage
+from tasks.ingest_warc import record_chunks
+
+INGEST_WARC = StageSpec("ingest_warc", "tasks.ingest_warc:run_ingest_warc", section="ingest_warc", inputs=("crawl",))
+WORDS = "north south east west river hill stone field wood lake bridge tower road gate wall".split()
+
+
+def text_of(n: int, words: int = 300) -> str:
+    return " ".join(WORDS[(i * 7 + n * 13 + i * i) % len(WORDS)] for i in range(words))
+
+
+def page(n: int) -> bytes:
+    return f"<!DOCTYPE html><html><head><title>Page {n}</title></head><body><p>{text_of(n)}</p></body></html>".encode()
+
+
+class ArchiveBuilder:
+    """Writes WARC records and remembers where each one starts, so tests can damage them."""
+
+    def __init__(self, compress: bool = True):
+        self.buffer = io.BytesIO()
+        self.writer = WARCWriter(self.buffer, gzip=compress)
+        self.offsets: list[int] = []
+
+    def _write(self, record) -> None:
+        self.offsets.append(self.buffer.tell())
+        self.writer.write_record(record)
+
+    def response(self, url: str, body: bytes, status: str = "200 OK", headers: list[tuple[str, str]] | None = None) -> None:
+        headers = headers if headers is not None else [("Content-Type", "text/html; charset=utf-8")]
+        http = StatusAndHeaders(status, headers + [("Content-Length", str(len(body)))], protocol="HTTP/1.1")
+        self._write(self.writer.create_warc_record(url, "response", payload=io.BytesIO(body), length=len(body), http_headers=http))
+
+    def request(self, url: str) -> None:
+        http = StatusAndHeaders("GET / HTTP/1.1", [("Host", "example.org")], is_http_request=True)
+        self._write(self.writer.create_warc_record(url, "request", http_headers=http))
+
+    def revisit(self, url: str) -> None:
+        http = StatusAndHeaders("304 Not Modified", [], protocol="HTTP/1.1")
+        self._write(self.writer.create_revisit_record(url, "sha1:AAAA", url, "2024-01-01T00:00:00Z", http_headers=http))
+
+    def conversion(self, url: str, text: str) -> None:
+        body = text.encode()
+        record = self.writer.create_warc_record(
+            url, "conversion", payload=io.BytesIO(body), length=len(body), warc_content_type="text/plain", warc_headers_dict={"Content-Type": "text/plain"}
+        )
+        self._write(record)
+
+    def data(self) -> bytes:
+        return self.buffer.getvalue()
+
+    def member(self, index: int) -> tuple[int, int]:
+        end = self.offsets[index + 1] if index + 1 < len(self.offsets) else len(self.data())
+        return self.offsets[index], end
+
+
+def normal_archive() -> bytes:
+    a = ArchiveBuilder()
+    a.request("http://example.org/1")
+    a.response("http://example.org/1", page(1))
+    a.response("http://example.org/2", page(2))
+    a.revisit("http://example.org/3")
+    a.response("http://example.org/404", b"<html>missing</html>", status="404 Not Found")
+    a.response("http://example.org/logo.png", b"\x89PNG" + bytes(300), headers=[("Content-Type", "image/png")])
+    a.response("http://example.org/untyped", page(4), headers=[])  # sniffed as HTML
+    a.response("http://example.org/gz", gzip.compress(page(5)), headers=[("Content-Type", "text/html"), ("Content-Encoding", "gzip")])
+    return a.data()
+
+
+def wet_archive() -> bytes:
+    a = ArchiveBuilder()
+    a.conversion("http://example.org/wet-1", "Plain text of the first page. " + text_of(6))
+    a.conversion("http://example.org/wet-2", "Plain text of the second page. " + text_of(7))
+    return a.data()
+
+
+def damaged_archive() -> bytes:
+    """Five pages; page 1's gzip member is cut short, garbage sits between pages 2 and 3."""
+    a = ArchiveBuilder()
+    for n in range(5):
+        a.response(f"http://example.org/d{n}", page(10 + n))
+    data = a.data()
+    start1, end1 = a.member(1)
+    start3, _ = a.member(3)
+    return data[:end1 - 120] + data[end1:start3] + b"\x00garbage\xff" * 40 + data[start3:]
+
+
+def damaged_plain_archive() -> bytes:
+    a = ArchiveBuilder(compress=False)
+    for n in range(3):
+        a.response(f"http://example.org/p{n}", page(20 + n))
+    data = a.data()
+    start1, _ = a.member(1)
+    return data[:start1] + b"this is not a WARC record\r\n\r\n" * 5 + data[start1:]
+
+
+def ingest_config(*paths: str, **extra) -> PipelineConfig:
+    return PipelineConfig.model_validate({"ingest_warc": {"paths": list(paths), **extra}})
+
+
+def all_records(store, ref) -> list[dict]:
+    reader = store.reader(ref)
+    return [row for chunk in record_chunks(reader) for row in reader.read_table(chunk).to_pylist()]
+
+
+def test_records_types_and_decoding(store, tmp_path):
+    (tmp_path / "a.warc.gz").write_bytes(normal_archive())
+    (tmp_path / "b.warc.wet.gz").write_bytes(wet_archive())
+    outcome = run_stage(store, INGEST_WARC, ingest_config(str(tmp_path / "*.gz")), [])
+    rows = {row["url"]: row for row in all_records(store, outcome.ref)}
+    assert set(rows) == {
+        "http://example.org/1", "http://example.org/2", "http://example.org/untyped", "http://example.org/gz",
+        "http://example.org/wet-1", "http://example.org/wet-2",
+    }
+    assert outcome.stats["skipped"] == {"http_4xx": 1, "non_html": 1, "revisit": 1}
+    assert outcome.stats["other_records"] == {"request": 1}
+    one = rows["http://example.org/1"]
+    assert one["payload"] == page(1) and one["charset"] == "utf-8" and one["content_type"] == "text/html"
+    assert one["http_status"] == 200 and one["payload_kind"] == "html" and one["source"] == "warc"
+    assert one["warc_record_id"].startswith("<urn:uuid:") and one["fetch_date"].startswith("20")
+    assert rows["http://example.org/gz"]["payload"] == page(5)  # Content-Encoding undone
+    assert rows["http://example.org/untyped"]["content_type"] == "text/html"
+    wet = rows["http://example.org/wet-1"]
+    assert wet["payload_kind"] == "text" and wet["payload"].startswith(b"Plain text of the first page.")
+    # rerun: committed, reused
+    assert run_stage(store, INGEST_WARC, ingest_config(str(tmp_path / "*.gz")), []).status == "skipped"
+
+
+def test_damaged_records_are_skipped_and_reading_goes_on(store, tmp_path):
+    (tmp_path / "damaged.warc.gz").write_bytes(damaged_archive())
+    (tmp_path / "plain.warc").write_bytes(damaged_plain_archive())
+    (tmp_path / "noise.warc.gz").write_bytes(b"\x1f\x8b\x08" + bytes(range(256)) * 20)
+    outcome = run_stage(store, INGEST_WARC, ingest_config(str(tmp_path)), [])
+    urls = {row["url"] for row in all_records(store, outcome.ref)}
+    # the cut member (d1) is lost; the pages after the damage are read
+    assert {"http://example.org/d0", "http://example.org/d2", "http://example.org/d3", "http://example.org/d4"} <= urls
+    assert "http://example.org/d1" not in urls
+    assert {"http://example.org/p0", "http://example.org/p1", "http://example.org/p2"} <= urls
+    assert outcome.stats["skipped"]["corrupt_record"] >= 3  # at least one per damaged file
+    assert outcome.stats["files"] == 3
+
+
+def test_large_files_become_several_chunks_and_changes_make_a_new_version(store, tmp_path):
+    a = ArchiveBuilder()
+    for n in range(12):
+        a.response(f"http://example.org/c{n}", page(30 + n))
+    path = tmp_path / "big.warc.gz"
+    path.write_bytes(a.data())
+    cfg = ingest_config(str(path), chunk_bytes=4096, max_payload_bytes=1024)
+    first = run_stage(store, INGEST_WARC, cfg, [])
+    reader = store.reader(first.ref)
+    chunks = record_chunks(reader)
+    assert len(chunks) == first.stats["chunks"] >= 3
+    rows = all_records(store, first.ref)
+    assert [row["url"] for row in rows] == [f"http://example.org/c{n}" for n in range(12)]  # file order kept
+    assert all(len(row["payload"]) == 1024 and row["truncated"] for row in rows)
+    assert pq.read_schema(reader.local_path(chunks[0])).names[:3] == ["id", "url", "fetch_date"]
+    path.write_bytes(normal_archive())
+    second = run_stage(store, INGEST_WARC, cfg, [])
+    assert second.status == "ran" and second.ref.version != first.ref.version
+
+
+def test_reads_any_fsspec_url(store, s3_endpoint):
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket="crawl-data")
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    s3.put_object(Bucket="crawl-data", Key="cc/part-1.warc.gz", Body=normal_archive())
+    s3.put_object(Bucket="crawl-data", Key="cc/part-2.warc.wet.gz", Body=wet_archive())
+    options = {"client_kwargs": {"endpoint_url": s3_endpoint}, "skip_instance_cache": True}
+    outcome = run_stage(store, INGEST_WARC, ingest_config("s3://crawl-data/cc/*", storage_options=options, source="cc"), [])
+    rows = all_records(store, outcome.ref)
+    assert outcome.stats["files"] == 2 and len(rows) == 6
+    assert {row["source"] for row in rows} == {"cc"}
+    assert all(row["warc_file"].startswith("s3://crawl-data/cc/") for row in rows)
+
+
+def test_missing_path_names_the_setting(store, tmp_path):
+    with pytest.raises(ValueError, match=r"ingest_warc.paths\[0\]"):
+        run_stage(store, INGEST_WARC, ingest_config(str(tmp_path / "nothing-*.warc.gz")), [])
+
+
+def test_reads_crawl_warc_files_from_an_s3_store(s3_store):
+    """A crawl committed in an S3 store is read in place, damaged members included."""
+    out = s3_store.open_for_write("crawl", "fixture")
+    out.write_bytes("warc/part-00000.warc.gz", damaged_archive())
+    out.write_bytes("warc/part-00001.warc.gz", normal_archive())
+    crawl = s3_store.commit(out, {"stats": {}})
+    outcome = run_stage(s3_store, INGEST_WARC, PipelineConfig(), [crawl])
+    urls = [row["url"] for row in all_records(s3_store, outcome.ref)]
+    assert urls[:4] == ["http://example.org/d0", "http://example.org/d2", "http://example.org/d3", "http://example.org/d4"]
+    assert len(urls) == 8 and outcome.stats["records_by_source"] == {"crawl": 8}
