@@ -365,6 +365,13 @@ class StageDir:
         """Upload a file produced by an external tool (a model file, a checkpoint)."""
         self.write_bytes(relpath, Path(local_path).read_bytes())
 
+    def remove(self, prefix: str) -> None:
+        """Forget marked files under `prefix` (an old checkpoint) before commit: marker first, then file."""
+        for relpath in [p for p in self.marked_files() if p.startswith(prefix)]:
+            for path in (self._marker_path(relpath), posixpath.join(self.path, relpath)):
+                if self.store.fs.exists(path):
+                    self.store.fs.rm_file(path)
+
     def read_bytes(self, relpath: str) -> bytes:
         return self.store.fs.cat_file(posixpath.join(self.path, relpath))
 

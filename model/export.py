@@ -1,0 +1,120 @@
+"""Export a dense model to Hugging Face ``LlamaForCausalLM`` format.
+
+    python -m model.export MODEL_DIR OUT_DIR [--tokenizer tokenizer.json] [--special special_tokens.json]
+
+MODEL_DIR is our format (model.safetensors + model_config.json, e.g. a pretrain stage's
+``model/``). OUT_DIR then loads with ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` and
+``AutoTokenizer.from_pretrained(OUT_DIR)``, and serves from inference servers that take Llama.
+Our module names already follow Llama's, so weights only gain the ``model.`` prefix; the
+rotary layout (halves rotated, not interleaved) is Llama's too, so no permutation is needed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from infra.config import ModelConfig
+from model.transformer import CONFIG, WEIGHTS
+
+
+class ExportError(ValueError):
+    pass
+
+
+def hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, tensor in state_dict.items():
+        if key == "lm_head.weight":
+            if not cfg.tie_embeddings:
+                out[key] = tensor
+        else:
+            out[f"model.{key}"] = tensor
+    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def llama_config(cfg: ModelConfig, max_seq_len: int, special_ids: dict[str, int], dtype: str = "float32"):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.ffn_hidden,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.d_model // cfg.n_heads,
+        hidden_act="silu",
+        max_position_embeddings=max_seq_len,
+        initializer_range=cfg.init_std,
+        rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        attention_bias=False,
+        mlp_bias=False,
+        bos_token_id=special_ids.get("bos"),
+        eos_token_id=special_ids.get("eos"),
+        pad_token_id=special_ids.get("pad"),
+        torch_dtype=dtype,
+        architectures=["LlamaForCausalLM"],
+    )
+
+
+def export_llama(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    max_seq_len: int,
+    tokenizer_json: str | Path | None = None,
+    special_ids: dict[str, int] | None = None,
+) -> list[str]:
+    """Write config.json, model.safetensors and (given a tokenizer) the tokenizer files; returns the file names."""
+    from safetensors.torch import load_file, save_file
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    cfg = ModelConfig.model_validate_json((model_dir / CONFIG).read_text())
+    if cfg.moe_experts:
+        raise ExportError(f"{model_dir} holds a mixture-of-experts model: LlamaForCausalLM is dense; load it with model.transformer.load_model")
+    special_ids = dict(special_ids or {})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = load_file(str(model_dir / WEIGHTS))
+    save_file(hf_state_dict(state, cfg), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    llama_config(cfg, max_seq_len, special_ids).save_pretrained(out_dir)
+    if tokenizer_json is not None:
+        write_tokenizer(Path(tokenizer_json), special_ids, out_dir)
+    return sorted(p.name for p in out_dir.iterdir() if p.is_file())
+
+
+def write_tokenizer(tokenizer_json: Path, special_ids: dict[str, int], out_dir: Path) -> None:
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer.from_file(str(tokenizer_json))
+    named = {f"{role}_token": raw.id_to_token(i) for role, i in special_ids.items() if role in ("bos", "eos", "pad", "unk")}
+    extra = [raw.id_to_token(i) for role, i in special_ids.items() if role not in ("bos", "eos", "pad", "unk")]
+    fast = PreTrainedTokenizerFast(tokenizer_object=raw, additional_special_tokens=[t for t in extra if t is not None], **named)
+    fast.save_pretrained(out_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir")
+    parser.add_argument("out_dir")
+    parser.add_argument("--max-seq-len", type=int, default=2048)
+    parser.add_argument("--tokenizer", help="tokenizer.json to ship with the model")
+    parser.add_argument("--special", help="special_tokens.json ({role: id})")
+    args = parser.parse_args(argv)
+    special = json.loads(Path(args.special).read_text()) if args.special else {}
+    try:
+        files = export_llama(args.model_dir, args.out_dir, args.max_seq_len, args.tokenizer, special)
+    except ExportError as exc:
+        print(f"export: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(files))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

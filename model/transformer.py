@@ -1,0 +1,229 @@
+"""A decoder-only Transformer in the modern form, in one readable file.
+
+    from infra.config import ModelConfig
+    from model.transformer import Transformer
+    model = Transformer(resolve(ModelConfig(d_model=256, n_layers=4), vocab_size=4096))
+    logits, aux = model(tokens)          # tokens [B, T] -> logits [B, T, V]; aux: MoE balance loss
+
+Pre-norm blocks: RMSNorm -> grouped-query attention with rotary embeddings (through
+``F.scaled_dot_product_attention``, which picks flash / memory-efficient kernels on GPUs) ->
+RMSNorm -> SwiGLU feed-forward, or a DeepSeekMoE-style mixture of experts (model/moe.py).
+Module names follow Hugging Face's Llama so the export (model/export.py) is a key rename.
+Distribution (ZeRO, precision, checkpoints) is applied from outside by model/train.py.
+
+Shape letters: B batch, T sequence, D d_model, H query heads, K key/value heads,
+Dh head dim (D / H), F feed-forward hidden, V vocabulary.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from infra.config import ModelConfig
+from model.moe import MoE
+
+
+def resolve(cfg: ModelConfig, vocab_size: int | None = None) -> ModelConfig:
+    """Fill the fields that default from data or other fields (vocab, ffn_hidden, expert width)."""
+    vocab = cfg.vocab_size or vocab_size
+    if not vocab:
+        raise ValueError("model.vocab_size is 0 and no vocabulary size was given by the token shards")
+    ffn = cfg.ffn_hidden or 64 * math.ceil(8 * cfg.d_model / 3 / 64)
+    expert = cfg.moe_expert_hidden or max(8, ffn // (cfg.moe_top_k + cfg.moe_shared_experts))
+    return cfg.model_copy(update={"vocab_size": vocab, "ffn_hidden": ffn, "moe_expert_hidden": expert if cfg.moe_experts else 0})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., D]
+        # normalise in fp32: bf16 squares lose too much precision
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, Dh] for rotary embeddings, the first and second half of Dh rotated as pairs."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)  # [Dh/2]
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # [T, Dh/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [T, Dh]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, Dh]: rotate pairs (i, i + Dh/2) by position-dependent angles."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # [B, T, D]
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, Dh]
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, Dh]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # each group of H / K query heads shares one key/value head
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)  # [B, H, T, Dh]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # [B, T, D]
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., D] through [..., F]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if cfg.moe_experts:
+            self.mlp = MoE(cfg.d_model, cfg.moe_expert_hidden, cfg.moe_experts, cfg.moe_top_k, cfg.moe_shared_experts, expert=SwiGLU)
+        else:
+            self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)  # [B, T, D]
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            out, aux = self.mlp(h)
+        else:
+            out, aux = self.mlp(h), x.new_zeros(())
+        return x + out, aux
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if not cfg.vocab_size or not cfg.ffn_hidden:
+            raise ValueError("build the model from resolve(cfg, vocab_size), which fills vocab_size and ffn_hidden")
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.activation_checkpointing = False
+        self.record_activations = False  # set on logging steps: per-layer output mean/std
+        self.activation_stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue  # norm weights stay at one
+            # residual output projections scaled down so the stream's variance does not grow with depth
+            scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
+            nn.init.normal_(p, mean=0.0, std=std * scale)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [B, T] -> logits [B, T, V], mean MoE balance loss over MoE layers (0 when dense)."""
+        T = tokens.shape[1]
+        x = self.embed_tokens(tokens)  # [B, T, D]
+        cos, sin = rope_tables(T, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta, x.device, x.dtype)  # [T, Dh]
+        aux_total = x.new_zeros((), dtype=torch.float32)
+        self.activation_stats = []
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                x, aux = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x, aux = layer(x, cos, sin)
+            aux_total = aux_total + aux
+            if self.record_activations:
+                detached = x.detach().float()
+                self.activation_stats.append((detached.mean(), detached.std()))
+        logits = self.lm_head(self.norm(x))  # [B, T, V]
+        return logits, aux_total / max(1, self.n_moe_layers)
+
+    # ------------------------------------------------------------------ accounting
+    @property
+    def n_moe_layers(self) -> int:
+        return self.cfg.n_layers if self.cfg.moe_experts else 0
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (a tied embedding counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def active_matmul_parameters(self) -> int:
+        """Weights one token multiplies through in a forward pass: every linear layer, the output
+        projection (even when tied), only top_k of the routed experts; not the embedding lookup."""
+        total = 0
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                total += module.weight.numel()
+        if self.cfg.moe_experts:
+            per_expert = 3 * self.cfg.d_model * self.cfg.moe_expert_hidden
+            idle = self.cfg.moe_experts - self.cfg.moe_top_k
+            total -= self.cfg.n_layers * idle * per_expert
+        return total
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6N for the weights (forward 2N, backward 4N) plus attention
+        scores and weighted values, 2 * 2 * T * D per layer forward, times 3 for training."""
+        return 6 * self.active_matmul_parameters() + 12 * self.cfg.n_layers * self.cfg.d_model * seq_len
+
+    def expert_load(self) -> list[list[float]]:
+        """Per MoE layer, the fraction of routed slots each expert took in the last forward."""
+        return [layer.mlp.load.tolist() for layer in self.layers if isinstance(layer.mlp, MoE)]
+
+
+# ---------------------------------------------------------------------- saved weights
+
+WEIGHTS = "model.safetensors"
+CONFIG = "model_config.json"
+
+
+def save_model(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, directory: str | Path) -> None:
+    """Our own format (works for dense and MoE): model.safetensors + model_config.json."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses shared storage: a tied lm_head is rebuilt from the embedding on load
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
+    (directory / CONFIG).write_text(json.dumps(cfg.model_dump(mode="json"), indent=2, sort_keys=True))
+
+
+def load_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
+    """A Transformer from save_model's directory (e.g. a pretrain stage's model/ folder)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    cfg = ModelConfig.model_validate_json((directory / CONFIG).read_text())
+    model = Transformer(cfg)
+    missing, unexpected = model.load_state_dict(load_file(str(directory / WEIGHTS)), strict=False)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{directory / WEIGHTS} does not match model_config.json: missing {missing}, unexpected {unexpected}")
+    return model.to(dtype)
