@@ -1,33 +1,37 @@
-"""The end-to-end flow: run every stage in order, each through the stage store.
+"""The end-to-end flow: every stage in order, each through the stage store.
 
 Run it with ``lmf run --config configs/demo.yaml`` (in-process, ephemeral Prefect) or from
-the Prefect UI once deployed. Re-running is the recovery procedure: committed stages are
-skipped, a half-done stage resumes at shard level.
+the Prefect UI once served (``lmf serve``), where ``config`` is a typed form of the whole
+configuration tree. Re-running is the recovery procedure: committed stages are skipped, a
+half-done stage resumes at shard level.
 """
 from __future__ import annotations
 
-import uuid
-
 from prefect import flow
 
-from flows.pipeline import STAGES, stages_until
-from flows.stage_task import stage_task
+from flows.params import Rerun, StageName
+from flows.pipeline import stages_until
+from flows.stage_task import run_stages
 from infra.config import PipelineConfig
-from infra.stage import downstream
 from infra.store import StageRef
 
 
 @flow(name="end-to-end", log_prints=True)
-def end_to_end(config: PipelineConfig = PipelineConfig(), until: str | None = None, force: list[str] = []) -> dict[str, StageRef | None]:
-    forced = downstream(STAGES, set(force))
-    salt = f"force-{uuid.uuid4().hex}" if forced else ""
-    refs: dict[str, StageRef | None] = {}
-    for spec in stages_until(until):
-        inputs = [refs[name] for name in spec.inputs if refs[name] is not None]
-        if not spec.enabled(config):  # pass-through: downstream reads this stage's first input
-            refs[spec.name] = refs[spec.inputs[0]] if spec.inputs else None
-            continue
-        refs[spec.name] = stage_task.with_options(name=spec.name)(
-            spec.name, config, inputs, salt=salt if spec.name in forced else ""
-        )
-    return refs
+def end_to_end(
+    config: PipelineConfig = PipelineConfig(),
+    until: StageName | None = None,
+    force: list[StageName] = [],
+    rerun: Rerun = Rerun(),
+    plan_only: bool = False,
+) -> dict[str, StageRef | None]:
+    """Run the whole pipeline, each stage through the stage store (committed stages are reused).
+
+    Args:
+        config: the whole configuration tree (defaults: the preset the deployment was served with)
+        until: stop after this stage
+        force: recompute these stages and everything downstream
+        rerun: start at a stage and/or recompute it and everything downstream
+        plan_only: run nothing; publish a table of what would run, be skipped or is stale, and why
+    """
+    result = run_stages(config, stages_until(until), rerun=rerun, force=[str(name) for name in force], plan_only=plan_only)
+    return result.refs

@@ -4,6 +4,9 @@
     lmf status [--config F] [--set a.b=v]
     lmf show STAGE [--version V]
     lmf bench NAME [ARGS...]
+    lmf serve [--config F] [--only NAME] [--schedule NAME=CRON|SECONDS]   (deployments/README.md)
+    lmf deploy [--config F] [--gpu-pool-type process|kubernetes] [--gpu-slots N]
+    lmf report [--config F] [--snapshot LABEL] [--out report.html]
 
 Exit codes: 0 ok, 1 a stage failed, 2 invalid config or input named in the message.
 """
@@ -20,6 +23,8 @@ def _prefect_env() -> None:
     # before prefect is imported: forward our loggers into Prefect run logs, no telemetry
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lmfoundry")
+    # the temporary server needs longer than Prefect's default on a busy 2-core machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
@@ -130,6 +135,75 @@ def cmd_eval(args) -> int:
     return module.main(args.args) or 0
 
 
+def _deploy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefect-file", default=None, help="deployment file (default: deployments/prefect.yaml)")
+    p.add_argument("--config", help="YAML preset the deployments' forms default to (default: the file's own)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="default override for the forms, e.g. near_dedup.threshold=0.85")
+    p.add_argument("--only", action="append", default=[], metavar="NAME", help="only this deployment (repeatable)")
+    p.add_argument("--schedule", action="append", default=[], metavar="NAME=CRON|SECONDS", help="replace a deployment's schedule timing, e.g. data-refresh='0 */6 * * *'")
+    p.add_argument("--no-schedules", action="store_true", help="register without schedules (trigger from the UI only)")
+
+
+def cmd_serve(args) -> int:
+    """Serve the deployments of deployments/prefect.yaml from this process (single machine)."""
+    from flows import deploy
+
+    try:
+        deploy.serve(
+            args.prefect_file or deploy.PREFECT_FILE,
+            preset=args.config,
+            overrides=args.set,
+            only=args.only,
+            schedules=args.schedule,
+            with_schedules=not args.no_schedules,
+            limit=args.limit,
+        )
+    except deploy.DeploymentFileError as exc:
+        print(f"lmf serve: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_deploy(args) -> int:
+    """Register the deployments with the Prefect server at PREFECT_API_URL (work pools, GPU limit)."""
+    from flows import deploy
+
+    try:
+        deploy.deploy(
+            args.prefect_file or deploy.PREFECT_FILE,
+            preset=args.config,
+            overrides=args.set,
+            only=args.only,
+            schedules=args.schedule,
+            with_schedules=not args.no_schedules,
+            gpu_pool_type=args.gpu_pool_type,
+            gpu_slots=args.gpu_slots,
+        )
+    except deploy.DeploymentFileError as exc:
+        print(f"lmf deploy: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_report(args) -> int:
+    """Write a self-contained HTML report of the pipeline's current refs (or a snapshot)."""
+    from pathlib import Path
+
+    from flows.pipeline import STAGE_NAMES
+    from infra.report import build_report
+    from infra.store import Store
+
+    cfg = _config(args)
+    try:
+        text = build_report(Store.from_config(cfg.store), cfg.store.pipeline, STAGE_NAMES, args.snapshot)
+    except ValueError as exc:
+        print(f"lmf report: {exc}", file=sys.stderr)
+        return 2
+    Path(args.out).write_text(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     _prefect_env()
     parser = argparse.ArgumentParser(prog="lmf", description="lmfoundry: raw web text to an aligned language model")
@@ -156,6 +230,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name")
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("serve", help="serve the Prefect deployments from this process (UI runs, schedules)")
+    _deploy_args(p)
+    p.add_argument("--limit", type=int, default=None, help="most flow runs at once (default: no limit)")
+    p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("deploy", help="register the deployments with a Prefect server for workers")
+    _deploy_args(p)
+    p.add_argument("--gpu-pool-type", choices=["process", "kubernetes"], default="process", help="type of the `gpu` work pool when it is created")
+    p.add_argument("--gpu-slots", type=int, default=None, help="size of the gpu-slots concurrency limit (default: prefect.yaml's)")
+    p.set_defaults(fn=cmd_deploy)
+    p = sub.add_parser("report", help="write a self-contained HTML report of the pipeline")
+    _add_config_args(p)
+    p.add_argument("--snapshot", help="report this data-refresh snapshot instead of the current refs")
+    p.add_argument("--out", default="lmf-report.html", help="output file (default: lmf-report.html)")
+    p.set_defaults(fn=cmd_report)
     args = parser.parse_args(argv)
 
     from infra.config import ConfigError

@@ -1,24 +1,90 @@
-"""Map a pure function over shards with the configured local parallelism.
+"""Map a pure function over shards with the configured parallelism.
 
 Data stages call ``map_shards(fn, items, compute)``; results come back in input order, so
-output never depends on the worker count. ``fn`` must be a top-level function (picklable).
+output never depends on the worker count or where the work ran. ``fn`` must be a top-level
+function or a ``functools.partial`` of one (picklable).
+
+``compute.task_runner`` picks where shards run:
+
+- ``threads`` / ``processes``: a local pool of ``compute.workers``;
+- ``dask``: a Dask cluster. With ``compute.dask_address`` (``tcp://host:8786``) the shards go
+  to an existing cluster, whose workers need this package installed and the store reachable
+  (an ``s3://`` store, or a shared filesystem path); without an address a local cluster of
+  ``compute.workers`` processes is started once per process.
+
+Set it from the CLI: ``lmf run --set compute.task_runner=dask --set compute.dask_address=tcp://...``.
 """
 from __future__ import annotations
 
+import atexit
+import logging
+import threading
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from typing import Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 from infra.config import ComputeConfig
 
 T = TypeVar("T")
 R = TypeVar("R")
 
+log = logging.getLogger("lmfoundry.parallel")
+
+_dask_clients: dict[str, Any] = {}  # one client per scheduler address (or local cluster) per process
+_dask_lock = threading.Lock()
+
 
 def map_shards(fn: Callable[[T], R], items: Iterable[T], compute: ComputeConfig | None = None) -> list[R]:
     items = list(items)
+    if compute is not None and compute.task_runner == "dask" and items:
+        return _map_dask(fn, items, compute)
     workers = min(compute.workers if compute else 1, len(items))
     if workers <= 1:
         return [fn(item) for item in items]
     pool_cls = ProcessPoolExecutor if compute.task_runner == "processes" else ThreadPoolExecutor
     with pool_cls(max_workers=workers) as pool:
         return list(pool.map(fn, items))
+
+
+def _map_dask(fn: Callable[[T], R], items: list[T], compute: ComputeConfig) -> list[R]:
+    client = dask_client(compute)
+    # pure=False: a shard function writes files, so Dask must never treat two calls as one result
+    futures = client.map(fn, items, pure=False)
+    return client.gather(futures)
+
+
+def dask_client(compute: ComputeConfig):
+    """The process-wide Dask client for this compute section (connects or starts a local cluster)."""
+    from distributed import Client, LocalCluster
+
+    key = compute.dask_address or f"local:{compute.workers}"
+    with _dask_lock:
+        client = _dask_clients.get(key)
+        if client is not None and client.status == "running":
+            return client
+        if compute.dask_address:
+            log.info("connecting to the Dask scheduler at %s", compute.dask_address)
+            try:
+                client = Client(compute.dask_address, set_as_default=False, timeout=30)
+            except OSError as exc:
+                raise RuntimeError(
+                    f"cannot reach the Dask scheduler at compute.dask_address={compute.dask_address}: {exc}; "
+                    "start one with `dask scheduler` (and `dask worker ADDRESS` on each host) or unset the address for a local cluster"
+                ) from exc
+        else:
+            log.info("starting a local Dask cluster of %d worker processes", compute.workers)
+            cluster = LocalCluster(n_workers=compute.workers, threads_per_worker=1, processes=True, dashboard_address=None)
+            client = Client(cluster, set_as_default=False)
+        _dask_clients[key] = client
+        return client
+
+
+@atexit.register
+def close_dask_clients() -> None:
+    """Close every client (and the local clusters this process started)."""
+    with _dask_lock:
+        for client in _dask_clients.values():
+            cluster = client.cluster
+            client.close()
+            if cluster is not None:
+                cluster.close()
+        _dask_clients.clear()

@@ -1,0 +1,240 @@
+"""Serve or deploy the flows described in deployments/prefect.yaml.
+
+    lmf serve  [--config F] [--set k=v] [--only NAME] [--schedule NAME=CRON|SECONDS] [--no-schedules]
+    lmf deploy [--config F] [--set k=v] [--only NAME] [--gpu-pool-type process|kubernetes] [--gpu-slots N]
+
+Both read the same prefect.yaml (names, entrypoints, default parameters, schedules, work
+pools) and make sure the GPU concurrency limit exists. ``serve`` runs every deployment from
+this one process (each flow run in a subprocess): the single-machine way. ``deploy``
+registers them with the server at PREFECT_API_URL for workers of the `cpu` and `gpu` pools
+(``prefect worker start --pool cpu``), creating the pools when missing.
+
+Flows are referenced by module path (``flows.data_refresh.data_refresh``), so a worker needs
+this package installed (``pip install -e .``), not a copy of the directory it was deployed from.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flows.params import REPO_ROOT, resolve_preset
+from infra.config import load_config
+
+log = logging.getLogger("lmfoundry.deploy")
+
+PREFECT_FILE = REPO_ROOT / "deployments" / "prefect.yaml"
+
+
+class DeploymentFileError(ValueError):
+    """prefect.yaml is missing or wrong, or there is no server to serve or deploy to."""
+
+
+def require_api_url() -> str:
+    """Serving or deploying needs a long-lived server (a temporary one would vanish with us)."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise DeploymentFileError(
+            "no Prefect server configured: start one with `prefect server start` and "
+            "`export PREFECT_API_URL=http://127.0.0.1:4200/api` (or `prefect config set PREFECT_API_URL=...`)"
+        )
+    return url
+
+
+def load_prefect_file(path: str | Path = PREFECT_FILE) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise DeploymentFileError(f"deployment file '{path}' does not exist; pass --prefect-file deployments/prefect.yaml")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not data.get("deployments"):
+        raise DeploymentFileError(f"deployment file '{path}' lists no deployments")
+    return data
+
+
+def flow_from_entrypoint(entrypoint: str):
+    """'flows/data_refresh.py:data_refresh' -> the flow object (imported as a module)."""
+    if ":" not in entrypoint:
+        raise DeploymentFileError(f"entrypoint '{entrypoint}' must look like flows/file.py:flow_function")
+    path, name = entrypoint.split(":", 1)
+    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    return getattr(module, name)
+
+
+def parse_schedule_option(text: str) -> tuple[str, dict[str, Any]]:
+    """'data-refresh=0 3 * * *' -> cron; 'data-refresh=30' -> every 30 seconds."""
+    if "=" not in text:
+        raise DeploymentFileError(f"--schedule '{text}': expected DEPLOYMENT=CRON or DEPLOYMENT=SECONDS, e.g. data-refresh='0 3 * * *'")
+    name, value = (part.strip() for part in text.split("=", 1))
+    try:
+        return name, {"interval": float(value)}
+    except ValueError:
+        return name, {"cron": value}
+
+
+def build_schedule(spec: dict[str, Any]):
+    from prefect.schedules import Cron, Interval
+
+    common = {"active": bool(spec.get("active", True)), "parameters": spec.get("parameters") or {}, "slug": spec.get("slug")}
+    if spec.get("cron"):
+        return Cron(spec["cron"], timezone=spec.get("timezone"), **common)
+    if spec.get("interval"):
+        return Interval(timedelta(seconds=float(spec["interval"])), timezone=spec.get("timezone"), **common)
+    raise DeploymentFileError(f"schedule {spec} needs `cron` or `interval`")
+
+
+def default_parameters(flow, declared: dict[str, Any], preset: str | None, overrides: list[str]) -> dict[str, Any]:
+    """The deployment's form defaults: prefect.yaml's, then --config/--set for this machine."""
+    params = dict(declared)
+    accepted = set(flow.parameters.properties)
+    if preset is not None and "preset" in accepted:
+        params["preset"] = str(Path(preset).resolve())
+    if overrides and "overrides" in accepted:
+        params["overrides"] = list(overrides)
+    if "config" in accepted and (preset is not None or overrides or "config" not in params):
+        # the end-to-end form shows the whole config tree, filled in from the preset
+        params["config"] = load_config(resolve_preset(preset) if preset else None, overrides).model_dump(mode="json")
+    return params
+
+
+def runner_deployments(
+    path: str | Path = PREFECT_FILE,
+    *,
+    preset: str | None = None,
+    overrides: list[str] = (),
+    only: list[str] = (),
+    schedules: list[str] = (),
+    with_schedules: bool = True,
+    for_work_pools: bool = False,
+) -> list:
+    """RunnerDeployments for the deployments in `path` (all, or the names in `only`)."""
+    from prefect.events import DeploymentTriggerTypes
+    from prefect.flows import EntrypointType
+    from pydantic import TypeAdapter
+
+    data = load_prefect_file(path)
+    replaced = dict(parse_schedule_option(s) for s in schedules)
+    names = [d["name"] for d in data["deployments"]]
+    unknown = [n for n in list(only) + list(replaced) if n not in names]
+    if unknown:
+        raise DeploymentFileError(f"unknown deployment(s) {unknown}; {path} defines: {', '.join(names)}")
+    triggers_adapter = TypeAdapter(DeploymentTriggerTypes)
+    out = []
+    for spec in data["deployments"]:
+        if only and spec["name"] not in only:
+            continue
+        flow = flow_from_entrypoint(spec["entrypoint"])
+        declared = list(spec.get("schedules") or [])
+        if spec["name"] in replaced:  # keep the declared per-run parameters, change the timing
+            base = declared[0] if declared else {}
+            declared = [{"parameters": base.get("parameters") or {}, "slug": base.get("slug"), **replaced[spec["name"]]}]
+        triggers = [triggers_adapter.validate_python({"name": f"{spec['name']}__trigger_{i}", **t}) for i, t in enumerate(spec.get("triggers") or [], 1)]
+        pool = spec.get("work_pool") or {}
+        out.append(
+            flow.to_deployment(
+                name=spec["name"],
+                description=spec.get("description"),
+                tags=spec.get("tags"),
+                parameters=default_parameters(flow, spec.get("parameters") or {}, preset, list(overrides)),
+                schedules=[build_schedule(s) for s in declared] if with_schedules else None,
+                concurrency_limit=spec.get("concurrency_limit"),
+                triggers=triggers or None,
+                work_pool_name=pool.get("name") if for_work_pools else None,
+                job_variables=pool.get("job_variables") if for_work_pools else None,
+                entrypoint_type=EntrypointType.MODULE_PATH,
+            )
+        )
+    return out
+
+
+def ensure_concurrency_limits(data: dict[str, Any], gpu_slots: int | None = None) -> dict[str, int]:
+    """Create or resize the global concurrency limits named in prefect.yaml's lmfoundry section."""
+    from prefect import get_client
+
+    limits = dict((data.get("lmfoundry") or {}).get("concurrency_limits") or {})
+    if gpu_slots is not None:
+        limits["gpu-slots"] = gpu_slots
+    with get_client(sync_client=True) as client:
+        for name, limit in limits.items():
+            client.upsert_global_concurrency_limit_by_name(name, int(limit))
+    return limits
+
+
+def ensure_work_pools(data: dict[str, Any], prefect_file: Path, gpu_pool_type: str = "process") -> dict[str, str]:
+    """Create the work pools named in prefect.yaml's lmfoundry section when they do not exist."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    created = {}
+    pools = (data.get("lmfoundry") or {}).get("work_pools") or {}
+    with get_client(sync_client=True) as client:
+        for name, spec in pools.items():
+            pool_type = gpu_pool_type if name == "gpu" else spec.get("type", "process")
+            try:
+                existing = client.read_work_pool(name)
+                if existing.type != pool_type:
+                    log.warning("work pool '%s' exists with type %s (wanted %s); leaving it as it is", name, existing.type, pool_type)
+                continue
+            except ObjectNotFound:
+                pass
+            if pool_type == "kubernetes":
+                template = json.loads((prefect_file.parent / spec["kubernetes_job_template"]).read_text())
+            else:
+                template = ProcessWorker.get_default_base_job_template()
+            client.create_work_pool(WorkPoolCreate(name=name, type=pool_type, description=spec.get("description"), base_job_template=template))
+            created[name] = pool_type
+    return created
+
+
+def serve(
+    path: str | Path = PREFECT_FILE,
+    *,
+    preset: str | None = None,
+    overrides: list[str] = (),
+    only: list[str] = (),
+    schedules: list[str] = (),
+    with_schedules: bool = True,
+    limit: int | None = None,
+) -> None:
+    """Serve the deployments from this process until interrupted (Ctrl-C pauses their schedules)."""
+    from prefect import serve as prefect_serve
+
+    require_api_url()
+    deployments = runner_deployments(path, preset=preset, overrides=overrides, only=only, schedules=schedules, with_schedules=with_schedules)
+    ensure_concurrency_limits(load_prefect_file(path))
+    prefect_serve(*deployments, limit=limit)
+
+
+def deploy(
+    path: str | Path = PREFECT_FILE,
+    *,
+    preset: str | None = None,
+    overrides: list[str] = (),
+    only: list[str] = (),
+    schedules: list[str] = (),
+    with_schedules: bool = True,
+    gpu_pool_type: str = "process",
+    gpu_slots: int | None = None,
+) -> dict[str, str]:
+    """Register the deployments with the server at PREFECT_API_URL; returns name -> deployment id."""
+    require_api_url()
+    path = Path(path)
+    data = load_prefect_file(path)
+    created = ensure_work_pools(data, path, gpu_pool_type)
+    for name, pool_type in created.items():
+        print(f"created work pool '{name}' ({pool_type}); start a worker: prefect worker start --pool {name}")
+    for name, limit in ensure_concurrency_limits(data, gpu_slots).items():
+        print(f"global concurrency limit '{name}': {limit} slot(s)")
+    ids = {}
+    for deployment in runner_deployments(path, preset=preset, overrides=overrides, only=only, schedules=schedules, with_schedules=with_schedules, for_work_pools=True):
+        ids[f"{deployment.flow_name}/{deployment.name}"] = str(deployment.apply(work_pool_name=deployment.work_pool_name))
+        print(f"deployment {deployment.flow_name}/{deployment.name} -> work pool '{deployment.work_pool_name}'")
+    return ids

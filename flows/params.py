@@ -1,0 +1,66 @@
+"""Typed flow parameters: what the Prefect UI turns into a form with defaults and validation.
+
+Flows take a config *preset* (a YAML file from configs/) plus ``--set``-style overrides rather
+than the whole config tree, so a scheduled run stays a one-line change and a form stays
+short. Secrets (store credentials, tokens) are never parameters: they come from the worker's
+environment (AWS_* variables, ~/.aws, Prefect Secret blocks read by the code that needs them).
+"""
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from flows.pipeline import STAGE_NAMES
+from infra.config import PipelineConfig, load_config
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PRESET = "configs/demo.yaml"
+
+# a dropdown of the pipeline's stages in the UI form
+StageName = StrEnum("StageName", {name: name for name in STAGE_NAMES})
+
+Override = Annotated[
+    str,
+    Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_.]*=.*$",
+        description="KEY.PATH=VALUE like `lmf run --set`, e.g. near_dedup.threshold=0.85",
+    ),
+]
+
+SnapshotLabel = Annotated[
+    str,
+    Field(
+        pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,99})?$",
+        description="names this version of the data (letters, digits, . _ -); empty: the run's scheduled time",
+    ),
+]
+
+
+class Rerun(BaseModel):
+    """Start part-way through the pipeline, optionally recomputing what is already committed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    from_stage: StageName | None = Field(
+        None,
+        description="start at this stage; the stages before it are read from the pipeline's current refs instead of being checked",
+    )
+    force: bool = Field(
+        False,
+        description="recompute from_stage and everything downstream even if committed (a new version beside the old)",
+    )
+
+
+def resolve_preset(preset: str) -> Path:
+    """A preset path as given, else relative to the repository (workers run from any directory)."""
+    path = Path(preset).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    return REPO_ROOT / path
+
+
+def load_run_config(preset: str, overrides: list[str]) -> PipelineConfig:
+    return load_config(resolve_preset(preset), list(overrides))

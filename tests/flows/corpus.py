@@ -1,0 +1,73 @@
+"""A tiny deterministic text corpus and a pipeline config that ingests it (for flow and UI tests)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from infra.config import PipelineConfig, build_config
+
+import random
+
+NOUNS = "river garden window teacher village morning letter harbor kitchen mountain library engine market bridge winter festival painter forest".split()
+VERBS = "carried painted opened followed visited repaired described watched borrowed answered measured collected".split()
+ADJECTIVES = "quiet small ancient bright narrow careful distant busy gentle heavy".split()
+
+
+def sentence(rng: random.Random) -> str:
+    """A plain English sentence with stop words, so the heuristic filters keep the document."""
+    a, b = rng.sample(NOUNS, 2)
+    return (
+        f"The {rng.choice(ADJECTIVES)} {a} {rng.choice(VERBS)} the {b} of the {rng.choice(NOUNS)} "
+        f"and that was {rng.choice(ADJECTIVES)} to {rng.choice(NOUNS)}s with {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}s."
+    )
+
+
+def make_corpus(folder: Path, n_files: int = 12, duplicates: int = 3) -> Path:
+    """`n_files` small prose documents (seeded); the last `duplicates` repeat earlier texts exactly."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_files):
+        j = i if i < n_files - duplicates else i - (n_files - duplicates)
+        rng = random.Random(j)
+        (folder / f"doc-{i:03d}.txt").write_text(f"Document {j}.\n" + "\n".join(sentence(rng) for _ in range(8)) + "\n")
+    return folder
+
+
+def config_data(corpus: Path, store: Path, pipeline: str = "test", **compute: Any) -> dict[str, Any]:
+    return {
+        "store": {"url": str(store), "pipeline": pipeline},
+        "compute": {"workers": 2, "progress": False, **compute},
+        "ingest": {"sources": [{"name": "corpus", "paths": [str(corpus / "*.txt")]}], "target_shard_bytes": 1024},
+        # a dozen documents: a small vocabulary and a validation share that is not empty
+        "tokenizer": {"vocab_size": 400},
+        "tokenize": {"seq_len": 32, "val_fraction": 0.25},
+        # a few optimizer steps of a tiny model on one CPU rank
+        "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1},
+        "pretrain": {
+            "steps": 2, "global_batch_size": 2, "warmup_steps": 0, "export_hf": False,
+            "log_every": 1, "eval_every": 2, "eval_samples": 4, "checkpoint_every": 2,
+        },
+    }
+
+
+def make_config(corpus: Path, store: Path, **compute: Any) -> PipelineConfig:
+    return build_config(config_data(corpus, store, **compute))
+
+
+def write_preset(path: Path, corpus: Path, store: Path, **compute: Any) -> Path:
+    path.write_text(yaml.safe_dump(config_data(corpus, store, **compute), sort_keys=False))
+    return path
+
+
+def expected_actions(cfg: PipelineConfig, action: str) -> list[str]:
+    """The run-summary actions of the data refresh when every enabled stage does `action`."""
+    from flows.data_refresh import data_stages
+
+    return [action if spec.enabled(cfg) else "disabled" for spec in data_stages()]
+
+
+def enabled_data_stages(cfg: PipelineConfig) -> list[str]:
+    from flows.data_refresh import data_stages
+
+    return [spec.name for spec in data_stages() if spec.enabled(cfg)]

@@ -1,0 +1,81 @@
+"""`lmf deploy` registers the deployments, work pools and GPU limit with a running server,
+and a `cpu` pool worker runs the data refresh from it."""
+from __future__ import annotations
+
+import subprocess
+
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+from flows.pipeline import STAGE_NAMES
+from infra.store import Store
+from tests.flows.corpus import make_corpus, write_preset
+from tests.flows.server import REPO, VENV_BIN, wait_for
+
+NAMES = ["data-refresh", "pretrain", "end-to-end"]
+
+
+def test_deploy_registers_pools_limit_and_deployments_that_a_worker_runs(prefect_server, tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    preset = write_preset(tmp_path / "preset.yaml", corpus, tmp_path / "store")
+    done = subprocess.run(
+        [str(VENV_BIN / "lmf"), "deploy", "--config", str(preset), "--gpu-pool-type", "kubernetes", "--gpu-slots", "2"],
+        cwd=tmp_path,  # any directory: flows are found by module path, the preset by absolute path
+        env=prefect_server.env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    with prefect_server.client() as client:
+        try:
+            assert client.read_work_pool("cpu").type == "process"
+            gpu = client.read_work_pool("gpu")
+            assert gpu.type == "kubernetes"
+            container = gpu.base_job_template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+            assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
+            assert client.read_global_concurrency_limit_by_name("gpu-slots").limit == 2
+
+            deployments = {d.name: d for d in client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=NAMES)))}
+            assert {name: deployments[name].work_pool_name for name in NAMES} == {"data-refresh": "cpu", "pretrain": "gpu", "end-to-end": "gpu"}
+            refresh = deployments["data-refresh"]
+            assert refresh.schedules[0].schedule.cron == "0 3 * * *"
+            schema = refresh.parameter_openapi_schema
+            assert set(schema["properties"]) == {"preset", "overrides", "snapshot", "rerun", "plan_only", "then_pretrain"}
+            assert schema["definitions"]["StageName"]["enum"] == STAGE_NAMES
+            assert refresh.parameters["preset"] == str(preset)
+            assert deployments["end-to-end"].parameters["config"]["store"]["url"] == str(tmp_path / "store")
+
+            run = client.create_flow_run_from_deployment(refresh.id, parameters={"snapshot": "from-worker"})
+            worker = subprocess.run(
+                [str(VENV_BIN / "prefect"), "worker", "start", "--pool", "cpu", "--run-once"],
+                cwd=REPO,
+                env=prefect_server.env(),
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
+            state = wait_for(lambda: client.read_flow_run(run.id).state if client.read_flow_run(run.id).state.is_final() else None, 60, what="the worker's run")
+            assert state.is_completed(), worker.stdout[-3000:] + worker.stderr[-3000:]
+            store = Store(str(tmp_path / "store"))
+            assert set(store.stages()) >= {"ingest", "exact_dedup"}
+        finally:
+            for deployment in client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=NAMES))):
+                client.delete_deployment(deployment.id)
+
+
+def test_deployment_file_errors_name_the_fix(tmp_path):
+    import os
+
+    import pytest
+
+    from flows.deploy import DeploymentFileError, parse_schedule_option, runner_deployments
+
+    assert parse_schedule_option("data-refresh=0 */6 * * *") == ("data-refresh", {"cron": "0 */6 * * *"})
+    assert parse_schedule_option("data-refresh=30") == ("data-refresh", {"interval": 30.0})
+    with pytest.raises(DeploymentFileError, match="defines: data-refresh, pretrain, end-to-end"):
+        runner_deployments(only=["nope"])
+    with pytest.raises(DeploymentFileError, match="does not exist"):
+        runner_deployments(tmp_path / "missing.yaml")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path / "home")}
+    done = subprocess.run([str(VENV_BIN / "lmf"), "serve"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "prefect server start" in done.stderr
