@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from infra.config import ConfigError
-    from tasks.ingest import InputError
+    from infra.files import InputError
 
     try:
         return args.fn(args)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel
 
 from infra.config import PipelineConfig, Section
-from infra.store import StageDir, StageRef, Store, stage_version
+from infra.store import StageRef, Store, stage_version
 
 log = logging.getLogger("lmfoundry.stage")
 

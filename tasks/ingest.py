@@ -23,8 +23,9 @@ import fsspec
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from infra.config import IngestConfig, SourceConfig, expand_path
+from infra.config import IngestConfig, SourceConfig
 from infra.docs import docs_table, shard_name
+from infra.files import InputError, match_files
 from infra.parallel import map_shards
 from infra.store import StageDir, StageRef
 
@@ -33,10 +34,6 @@ log = logging.getLogger("lmfoundry.ingest")
 
 FORMATS_BY_SUFFIX = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
-
-
-class InputError(ValueError):
-    """A configured input cannot be read at all (as opposed to a malformed record)."""
 
 
 @dataclass(frozen=True)
@@ -63,27 +60,14 @@ def list_source_files(source: SourceConfig) -> list[InputFile]:
     """Every file a source names, sorted; a path that matches nothing is an error."""
     found: dict[str, InputFile] = {}
     for i, raw in enumerate(source.paths):
-        pattern = expand_path(raw)
-        fs, path = fsspec.core.url_to_fs(pattern)
-        protocol = fs.protocol[0] if isinstance(fs.protocol, (list, tuple)) else fs.protocol
-        if any(ch in path for ch in "*?["):
-            matches = fs.glob(path, detail=True)
-        elif fs.isdir(path):
-            matches = fs.find(path, detail=True)
-        elif fs.exists(path):
-            matches = {path: fs.info(path)}
-        else:
-            matches = {}
-        files = {p: info for p, info in matches.items() if info.get("type") == "file"}
+        files = match_files(raw)
         if not files:
             raise InputError(
                 f"source '{source.name}' path '{raw}' (sources[].paths[{i}]) matched no files; "
                 "check the path exists and is readable, or remove it from the config"
             )
-        for p, info in files.items():
-            url = p if protocol in ("file", "local") else f"{protocol}://{p}"
-            stamp = str(info.get("mtime") or info.get("ETag") or info.get("LastModified") or info.get("created") or "")
-            found[url] = InputFile(source, url, int(info.get("size") or 0), stamp)
+        for f in files:
+            found[f.url] = InputFile(source, f.url, f.size, f.stamp)
     return [found[k] for k in sorted(found)]
 
 

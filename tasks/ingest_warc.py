@@ -52,7 +52,8 @@ from pydantic import BaseModel
 from warcio.archiveiterator import ArchiveIterator
 from warcio.exceptions import ArchiveLoadFailed
 
-from infra.config import IngestWarcConfig, expand_path
+from infra.config import IngestWarcConfig
+from infra.files import InputError, match_files
 from infra.parallel import map_shards
 from infra.store import StageDir, StageRef, StageReader
 
@@ -81,10 +82,6 @@ CRAWL_SOURCE = "crawl"
 WARC_SUFFIXES = (".warc", ".warc.gz", ".wet", ".wet.gz", ".arc", ".arc.gz")
 # everything a damaged file can raise while records are parsed or payloads decoded
 CORRUPTION_ERRORS = (ArchiveLoadFailed, EOFError, OSError, ValueError, zlib.error, IndexError, KeyError)
-
-
-class InputError(ValueError):
-    """A configured path matches nothing or cannot be listed."""
 
 
 @dataclass(frozen=True)
@@ -122,26 +119,14 @@ def list_configured(cfg: IngestWarcConfig) -> list[WarcInput]:
     """Every file that ingest_warc.paths names, sorted; a path matching nothing is an error."""
     found: dict[str, WarcInput] = {}
     for i, raw in enumerate(cfg.paths):
-        fs, path = fsspec.core.url_to_fs(expand_path(raw), **cfg.storage_options)
-        protocol = fs.protocol[0] if isinstance(fs.protocol, (list, tuple)) else fs.protocol
-        if any(ch in path for ch in "*?["):
-            matches = fs.glob(path, detail=True)
-        elif fs.isdir(path):
-            matches = {p: info for p, info in fs.find(path, detail=True).items() if p.endswith(WARC_SUFFIXES)}
-        elif fs.exists(path):
-            matches = {path: fs.info(path)}
-        else:
-            matches = {}
-        files = {p: info for p, info in matches.items() if info.get("type") == "file"}
+        files = match_files(raw, cfg.storage_options, dir_suffixes=WARC_SUFFIXES)
         if not files:
             raise InputError(
                 f"ingest_warc.paths[{i}] '{raw}' matched no files; check the path exists and is readable "
                 "(for s3:// set ingest_warc.storage_options), or remove it from the config"
             )
-        for p, info in files.items():
-            url = p if protocol in ("file", "local") else f"{protocol}://{p}"
-            stamp = f"{info.get('size')}:{info.get('mtime') or info.get('ETag') or info.get('LastModified') or ''}"
-            found[url] = WarcInput(url, in_store=False, source=cfg.source, stamp=stamp)
+        for f in files:
+            found[f.url] = WarcInput(f.url, in_store=False, source=cfg.source, stamp=f"{f.size}:{f.stamp}")
     return [found[k] for k in sorted(found)]
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from infra.files import InputError
 from infra.config import ModelConfig, PipelineConfig, PretrainConfig, Section
 from infra.store import StageDir, StageRef
 
@@ -67,7 +68,7 @@ def pretrain_section(root: PipelineConfig) -> PretrainJob:
     return PretrainJob(model=root.model, pretrain=root.pretrain)
 
 
-class PretrainInputError(ValueError):
+class PretrainInputError(InputError):
     pass
 
 

@@ -55,6 +55,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel
 
+from infra.files import InputError
 from infra.config import PipelineConfig, QualityClassifierConfig, expand_path
 from infra.docs import DATA_PREFIX, DOC_SCHEMA, shard_name
 from infra.parallel import map_shards
@@ -71,7 +72,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 REMOVED_SCHEMA = DOC_SCHEMA.append(pa.field("reason", pa.string()))
 
 
-class QualityError(ValueError):
+class QualityError(InputError):
     """The classifier cannot be trained or loaded; the message says what to change."""
 
 

@@ -39,6 +39,7 @@ import pyarrow as pa
 from pydantic import BaseModel
 from tokenizers import Tokenizer
 
+from infra.files import InputError
 from infra.config import TokenizeConfig
 from infra.docs import DATA_PREFIX
 from infra.parallel import map_shards
@@ -54,7 +55,7 @@ INDEX_FILE = "index.json"
 TOKENS_COLUMN = "tokens"
 
 
-class TokenizeInputError(ValueError):
+class TokenizeInputError(InputError):
     """The stage's inputs are not what it needs (no tokenizer, several tokenizers)."""
 
 

@@ -31,6 +31,7 @@ import fsspec
 from pydantic import BaseModel
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from infra.files import InputError
 from infra.config import TokenizerConfig
 from infra.docs import DATA_PREFIX
 from infra.store import StageDir, StageRef, Store
@@ -46,7 +47,7 @@ STAGE_NAME = "train_tokenizer"
 EVAL_CHARS = 1_000_000
 
 
-class TokenizerInputError(ValueError):
+class TokenizerInputError(InputError):
     """The stage has nothing to train on, or the given tokenizer file is unusable."""
 
 
