@@ -306,6 +306,10 @@ class PiiConfig(Section):
         "possible", description="possible: length fits the country's plan; valid: also an assigned number range"
     )
     ip_public_only: bool = Field(False, description="scrub only globally routable IP addresses (keep 127.0.0.1, 10.x, ...)")
+    url_entities: list[Literal["EMAIL", "PHONE", "IP", "CREDIT_CARD", "IBAN", "US_SSN", "SECRET"]] = Field(
+        ["EMAIL", "SECRET"],
+        description="types also scrubbed in the url column (never trained on; its host is provenance, so IPs stay by default)",
+    )
     replacement: Literal["placeholder", "pseudonym"] = Field(
         "placeholder", description="placeholder: <EMAIL>; pseudonym: <EMAIL_5f1c0e9a2b>, a keyed HMAC of the value"
     )

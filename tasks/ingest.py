@@ -72,8 +72,6 @@ def list_source_files(source: SourceConfig) -> list[InputFile]:
 
 
 def list_inputs(cfg: IngestConfig) -> list[InputFile]:
-    if not cfg.sources:
-        raise InputError("ingest has no sources: add at least one under ingest.sources in the config")
     return [f for source in cfg.sources for f in list_source_files(source)]
 
 

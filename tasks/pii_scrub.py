@@ -135,6 +135,12 @@ def scrub_document(text: str, cfg: PiiConfig, replace: Replacer) -> tuple[str | 
     return (text, found) if not scanner.find(text) else (None, found)
 
 
+def url_section(cfg: PiiConfig) -> PiiConfig | None:
+    """The detectors applied to the url column: the enabled ones among `url_entities`."""
+    entities = [e for e in cfg.entities if e in cfg.url_entities]
+    return cfg.model_copy(update={"entities": entities, "ner_model": None}) if entities else None
+
+
 def _with_pii_meta(meta: str | None, counts: Counter) -> str:
     try:
         obj = json.loads(meta) if meta else {}
@@ -150,6 +156,7 @@ def scrub_shard(cfg: PiiConfig, out: StageDir, shards: list[tuple[StageRef, str]
     ref, path = shards[index]
     rows = out.store.reader(ref).read_table(path).to_pylist()
     replace = Replacer(cfg)
+    url_cfg = url_section(cfg)
     audit = _Audit(cfg.audit_per_shard)
     entities, detectors, skipped = Counter(), Counter(), Counter()
     kept, docs_with_pii = [], 0
@@ -158,7 +165,7 @@ def scrub_shard(cfg: PiiConfig, out: StageDir, shards: list[tuple[StageRef, str]
             skipped["missing_text"] += 1
             continue
         text, found = scrub_document(row["text"], cfg, replace)
-        url, url_found = scrub_document(row.get("url") or "", cfg, replace)
+        url, url_found = scrub_document(row.get("url") or "", url_cfg, replace) if url_cfg else (row.get("url"), [])
         if text is None or url is None:
             skipped["pii_not_removable"] += 1
             continue

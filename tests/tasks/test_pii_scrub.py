@@ -107,3 +107,18 @@ def test_stage_resumes_after_a_crash(store, monkeypatch):
     outcome = run_stage(store, SPEC, cfg, [ref])
     assert store.manifest("pii_scrub", outcome.ref.version)["resumed_files"] == 2
     assert outcome.stats["docs_in"] == 6 and outcome.stats["entities"]["EMAIL"] == 2
+
+
+def test_url_column_keeps_its_host_but_loses_credentials_and_emails(store):
+    rows = [
+        {"id": "u1", "text": "plain page", "url": "http://203.0.113.7:8080/docs/index.html"},
+        {"id": "u2", "text": "plain page", "url": "https://bob:hunter22@example.org/x"},
+        {"id": "u3", "text": "plain page", "url": "https://example.org/contact?to=jane.doe@example.org"},
+    ]
+    ref = commit_docs(store, [rows])
+    out = read_docs(store, run_stage(store, SPEC, PipelineConfig(), [ref]).ref)
+    assert out["u1"]["url"] == "http://203.0.113.7:8080/docs/index.html"  # provenance kept
+    assert "hunter22" not in out["u2"]["url"] and "jane.doe" not in out["u3"]["url"]
+    strict = build_config({}, ["pii.url_entities=[EMAIL, SECRET, IP]"])
+    out = read_docs(store, run_stage(store, SPEC, strict, [ref]).ref)
+    assert "203.0.113.7" not in out["u1"]["url"]
