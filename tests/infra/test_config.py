@@ -1,6 +1,8 @@
 """The config tree: presets, overrides, identity vs execution fields, clear errors."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from infra.config import ConfigError, PipelineConfig, build_config, load_config
@@ -43,3 +45,8 @@ def test_execution_fields_are_not_identity():
     assert base.compute.identity() == knobs.compute.identity()
     assert base.store.identity() == knobs.store.identity()
     assert build_config({}, ["exact_dedup.normalize=none"]).exact_dedup.identity() != base.exact_dedup.identity()
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")))
+def test_every_shipped_preset_is_valid(preset):
+    load_config(Path(__file__).resolve().parents[2] / "configs" / preset)
