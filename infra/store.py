@@ -15,6 +15,7 @@ S3), then marked, so a crash leaves at most unmarked garbage that the next run r
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -27,6 +28,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -84,6 +86,7 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+@functools.cache  # one subprocess per process, not per commit
 def git_revision() -> str:
     try:
         out = subprocess.run(
@@ -313,6 +316,9 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+_HASHER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lmf-checksum")
+
+
 class StageDir:
     """Where a running stage writes. Every file goes through write_* so it is marked.
 
@@ -348,8 +354,9 @@ class StageDir:
         return self.store.read_json(self._marker_path(relpath))
 
     def write_bytes(self, relpath: str, data: bytes, rows: int | None = None, **extra: Any) -> None:
+        digest = _HASHER.submit(checksum, data)  # xxhash releases the GIL: hash while the bytes are written
         self.store.write_bytes_atomic(posixpath.join(self.path, relpath), data)
-        marker = {"size": len(data), "checksum": checksum(data), "rows": rows, **extra}
+        marker = {"size": len(data), "checksum": digest.result(), "rows": rows, **extra}
         self.store.write_bytes_atomic(self._marker_path(relpath), json.dumps(marker).encode())
         self._marked_count += 1
         faults.hit(self.stage, "after_file", self._marked_count)
