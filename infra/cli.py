@@ -72,14 +72,11 @@ def cmd_status(args, cfg=None) -> int:
     for row in plan(store, STAGES, cfg, set(getattr(args, "force", []) or [])):
         shown = row.current or row.version
         manifest = store.manifest(row.stage, shown) if shown else None
-        state = "fresh" if row.action == "skip" and row.current == row.version else ("stale: " + row.reason if row.current else row.reason)
-        if row.action == "skip" and row.current != row.version:
-            state = "fresh (committed, ref older)"
         table.add_row(
             row.stage,
             shown or "-",
             "yes" if manifest else "no",
-            state,
+            state_of(row),
             str(manifest["rows"]) if manifest else "-",
             _human(manifest["bytes"]) if manifest else "-",
             manifest["created_at"] if manifest else "-",
@@ -87,6 +84,15 @@ def cmd_status(args, cfg=None) -> int:
         )
     Console(width=160).print(table)
     return 0
+
+
+def state_of(row) -> str:
+    """fresh: the committed version is what this config would produce; stale: it would change."""
+    if row.action == "disabled":
+        return "disabled (passes its input through)"
+    if row.action == "skip":
+        return "fresh" if row.current == row.version else "fresh (committed; the ref points at another run)"
+    return f"stale: {row.reason}" if row.current else row.reason
 
 
 def _human(n: int) -> str:
