@@ -11,6 +11,7 @@ Load a preset with ``load_config("configs/demo.yaml", overrides=["dedup.threshol
 """
 from __future__ import annotations
 
+import os
 import sysconfig
 from pathlib import Path
 from typing import Any, Literal
@@ -498,8 +499,9 @@ class ConfigError(ValueError):
 
 
 def expand_path(path: str) -> str:
-    """Expand '{stdlib}' (Python's standard library directory) and '~' in a configured path."""
-    return str(Path(path.replace("{stdlib}", sysconfig.get_paths()["stdlib"])).expanduser()) if "{stdlib}" in path or path.startswith("~") else path
+    """Expand '{stdlib}' (Python's standard library directory) and a leading '~' in a configured path."""
+    path = path.replace("{stdlib}", sysconfig.get_paths()["stdlib"])
+    return os.path.expanduser(path) if path.startswith("~") else path
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
