@@ -43,13 +43,12 @@ def docs_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
     return pa.table(columns, schema=DOC_SCHEMA)
 
 
-def doc_shards(store: Store, ref: StageRef) -> list[str]:
-    """The document shard paths of a committed stage, in order."""
-    return store.reader(ref).files(DATA_PREFIX, ".parquet")
+def doc_shards(store: Store, refs: list[StageRef]) -> list[tuple[StageRef, str]]:
+    """Every document shard of the given stages as (ref, path), in a fixed order.
 
-
-def read_doc_shard(store: Store, ref: StageRef, relpath: str) -> pa.Table:
-    return store.reader(ref).read_table(relpath)
+    Stages that map shard to shard write output shard i for input shard i of this list.
+    """
+    return [(ref, path) for ref in refs for path in store.reader(ref).files(DATA_PREFIX, ".parquet")]
 
 
 def iter_doc_shards(store: Store, refs: list[StageRef]) -> Iterator[tuple[StageRef, str, pa.Table]]:

@@ -28,7 +28,6 @@ import sys
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -316,9 +315,6 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-_HASHER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lmf-checksum")
-
-
 class StageDir:
     """Where a running stage writes. Every file goes through write_* so it is marked.
 
@@ -354,9 +350,8 @@ class StageDir:
         return self.store.read_json(self._marker_path(relpath))
 
     def write_bytes(self, relpath: str, data: bytes, rows: int | None = None, **extra: Any) -> None:
-        digest = _HASHER.submit(checksum, data)  # xxhash releases the GIL: hash while the bytes are written
         self.store.write_bytes_atomic(posixpath.join(self.path, relpath), data)
-        marker = {"size": len(data), "checksum": digest.result(), "rows": rows, **extra}
+        marker = {"size": len(data), "checksum": checksum(data), "rows": rows, **extra}
         self.store.write_bytes_atomic(self._marker_path(relpath), json.dumps(marker).encode())
         self._marked_count += 1
         faults.hit(self.stage, "after_file", self._marked_count)

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel
 
 from infra.config import ExactDedupConfig
-from infra.docs import DATA_PREFIX, shard_name
+from infra.docs import shard_name, doc_shards
 from infra.parallel import map_shards
 from infra.store import StageDir, StageRef
 
@@ -49,11 +49,6 @@ def normalize(text: str, mode: str) -> str:
 
 def text_hash(text: str, mode: str) -> bytes:
     return hashlib.blake2b(normalize(text, mode).encode("utf-8", "surrogatepass"), digest_size=16).digest()
-
-
-def input_shards(out: StageDir, inputs: list[StageRef]) -> list[tuple[StageRef, str]]:
-    """All input document shards in a fixed order; output shard i mirrors input shard i."""
-    return [(ref, path) for ref in inputs for path in out.store.reader(ref).files(DATA_PREFIX, ".parquet")]
 
 
 def hash_shard(cfg: ExactDedupConfig, out: StageDir, shards: list[tuple[StageRef, str]], index: int) -> None:
@@ -101,7 +96,7 @@ def _ids_of(out: StageDir, shards, rows: pa.Table) -> pa.Array:
 
 
 def run_exact_dedup(cfg: ExactDedupConfig, inputs: list[StageRef], out: StageDir) -> ExactDedupStats:
-    shards = input_shards(out, inputs)
+    shards = doc_shards(out.store, inputs)
     todo = [i for i in range(len(shards)) if not out.done(shard_name(i, "hashes/"))]
     map_shards(partial(hash_shard, cfg, out, shards), out.progress(todo, desc="hash"), out.compute)
     keepers = choose_keepers(out, len(shards))

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel
 
 from infra.config import HeuristicFilterConfig
-from infra.docs import DATA_PREFIX, DOC_SCHEMA, shard_name
+from infra.docs import DOC_SCHEMA, shard_name, doc_shards
 from infra.parallel import map_shards
 from infra.store import StageDir, StageRef
 from tasks.rules import build_steps, judge
@@ -41,10 +41,6 @@ class HeuristicFilterStats(BaseModel):
     kept_fraction: float
     dropped: dict[str, int]  # reason -> documents
     samples: dict[str, list[dict[str, str]]]  # reason -> a few dropped documents (id, url, text start)
-
-
-def input_shards(out: StageDir, inputs: list[StageRef]) -> list[tuple[StageRef, str]]:
-    return [(ref, path) for ref in inputs for path in out.store.reader(ref).files(DATA_PREFIX, ".parquet")]
 
 
 def sample_of(row: dict[str, Any], chars: int) -> dict[str, str]:
@@ -80,7 +76,7 @@ def filter_shard(cfg: HeuristicFilterConfig, out: StageDir, shards: list[tuple[S
 
 
 def run_heuristic_filter(cfg: HeuristicFilterConfig, inputs: list[StageRef], out: StageDir) -> HeuristicFilterStats:
-    shards = input_shards(out, inputs)
+    shards = doc_shards(out.store, inputs)
     todo = [i for i in range(len(shards)) if not out.done(shard_name(i))]
     map_shards(partial(filter_shard, cfg, out, shards), out.progress(todo, desc="shards"), out.compute)
     docs_in = docs_out = 0

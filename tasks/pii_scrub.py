@@ -37,7 +37,7 @@ import pyarrow as pa
 from pydantic import BaseModel
 
 from infra.config import PiiConfig
-from infra.docs import DATA_PREFIX, DOC_SCHEMA, shard_name
+from infra.docs import DOC_SCHEMA, shard_name, doc_shards
 from infra.parallel import map_shards
 from infra.store import StageDir, StageRef
 from tasks.pii import PiiSpan, Replacer, key_fingerprint, mask_value, replace_spans, scanner_for
@@ -80,10 +80,6 @@ def _model_version(model: str) -> str:
         return f"{model}=={metadata.version(model)}"
     except metadata.PackageNotFoundError:
         return model  # not installed: the stage itself fails with instructions
-
-
-def input_shards(out: StageDir, inputs: list[StageRef]) -> list[tuple[StageRef, str]]:
-    return [(ref, path) for ref in inputs for path in out.store.reader(ref).files(DATA_PREFIX, ".parquet")]
 
 
 def audit_name(index: int) -> str:
@@ -192,7 +188,7 @@ def scrub_shard(cfg: PiiConfig, out: StageDir, shards: list[tuple[StageRef, str]
 
 
 def run_pii_scrub(cfg: PiiConfig, inputs: list[StageRef], out: StageDir) -> PiiScrubStats:
-    shards = input_shards(out, inputs)
+    shards = doc_shards(out.store, inputs)
     Replacer(cfg)  # a missing pseudonym key fails here, before any shard is touched
     todo = [i for i in range(len(shards)) if not out.done(shard_name(i))]
     map_shards(partial(scrub_shard, cfg, out, shards), out.progress(todo, desc="scrub"), out.compute)

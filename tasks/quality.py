@@ -57,7 +57,7 @@ from pydantic import BaseModel
 
 from infra.files import InputError
 from infra.config import PipelineConfig, QualityClassifierConfig, expand_path
-from infra.docs import DATA_PREFIX, DOC_SCHEMA, shard_name
+from infra.docs import DATA_PREFIX, DOC_SCHEMA, shard_name, doc_shards
 from infra.parallel import map_shards
 from infra.store import StageDir, StageRef
 from tasks.words import split_words
@@ -452,7 +452,7 @@ def _count(items: list[str]) -> dict[str, int]:
 def run_quality_filter(cfg: QualityClassifierConfig, inputs: list[StageRef], out: StageDir) -> QualityFilterStats:
     model_path, model_name, trained_threshold = classifier_model(cfg, out, inputs)
     documents = [ref for ref in inputs if ref.stage != CLASSIFIER_STAGE]
-    shards = [(ref, path) for ref in documents for path in out.store.reader(ref).files(DATA_PREFIX, ".parquet")]
+    shards = doc_shards(out.store, documents)
     todo = [i for i in range(len(shards)) if not out.done(shard_name(i, "scores/"))]
     map_shards(partial(score_shard, cfg, out, model_path, shards), out.progress(todo, desc="score"), out.compute)
     all_scores = [out.read_table(shard_name(i, "scores/"))["score"] for i in range(len(shards))]

@@ -41,7 +41,7 @@ from tokenizers import Tokenizer
 
 from infra.files import InputError
 from infra.config import TokenizeConfig
-from infra.docs import DATA_PREFIX
+from infra.docs import doc_shards
 from infra.parallel import map_shards
 from infra.store import StageDir, StageRef
 from tasks.tokenizer import STAGE_NAME as TOKENIZER_STAGE
@@ -283,7 +283,7 @@ def run_tokenize(cfg: TokenizeConfig, inputs: list[StageRef], out: StageDir) -> 
     tokenizer.encode_special_tokens = True
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab_size)
-    shards = [(ref, path) for ref in doc_refs for path in out.store.reader(ref).files(DATA_PREFIX, ".parquet")]
+    shards = doc_shards(out.store, doc_refs)
     todo = [i for i in range(len(shards)) if not out.done(shard_file("train", i))]
     work = partial(tokenize_shard, cfg, out, shards, tokenizer, special, dtype)
     map_shards(work, out.progress(todo, desc="shards"), out.compute)
