@@ -154,39 +154,32 @@ def cmd_serve(args) -> int:
     """Serve the deployments of deployments/prefect.yaml from this process (single machine)."""
     from flows import deploy
 
-    try:
-        deploy.serve(
-            args.prefect_file or deploy.PREFECT_FILE,
-            preset=args.config,
-            overrides=args.set,
-            only=args.only,
-            schedules=args.schedule,
-            with_schedules=not args.no_schedules,
-            limit=args.limit,
-        )
-    except deploy.DeploymentFileError as exc:
-        print(f"lmf serve: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return _deployments(args, "serve", deploy.serve, limit=args.limit)
 
 
 def cmd_deploy(args) -> int:
     """Register the deployments with the Prefect server at PREFECT_API_URL (work pools, GPU limit)."""
     from flows import deploy
 
+    return _deployments(args, "deploy", deploy.deploy, gpu_pool_type=args.gpu_pool_type, gpu_slots=args.gpu_slots)
+
+
+def _deployments(args, verb: str, action, **extra) -> int:
+    """`lmf serve` and `lmf deploy` share their arguments and their error handling."""
+    from flows import deploy
+
     try:
-        deploy.deploy(
+        action(
             args.prefect_file or deploy.PREFECT_FILE,
             preset=args.config,
             overrides=args.set,
             only=args.only,
             schedules=args.schedule,
             with_schedules=not args.no_schedules,
-            gpu_pool_type=args.gpu_pool_type,
-            gpu_slots=args.gpu_slots,
+            **extra,
         )
     except deploy.DeploymentFileError as exc:
-        print(f"lmf deploy: {exc}", file=sys.stderr)
+        print(f"lmf {verb}: {exc}", file=sys.stderr)
         return 2
     return 0
 

@@ -147,24 +147,24 @@ class TextView:
 # --------------------------------------------------------------------------- Gopher repetition
 
 
+def _duplicate_parts(parts: list[str], text: str, max_frac: float | None, max_char_frac: float | None, reasons: tuple[str, str]) -> Verdict:
+    """Gopher's duplicate-part check, shared by paragraphs and lines: by count, then by characters."""
+    count, chars = duplicates(parts)
+    if max_frac is not None and count / len(parts) > max_frac:
+        return False, reasons[0]
+    if max_char_frac is not None and chars / len(text) > max_char_frac:
+        return False, reasons[1]
+    return KEEP
+
+
 def gopher_duplicate_paragraphs(doc: TextView, cfg: GopherRepetition) -> Verdict:
     paragraphs = _PARAGRAPH_BREAK.split(doc.text.strip())
-    count, chars = duplicates(paragraphs)
-    if cfg.max_dup_para_frac is not None and count / len(paragraphs) > cfg.max_dup_para_frac:
-        return False, "gopher_dup_paragraphs"
-    if cfg.max_dup_para_char_frac is not None and chars / len(doc.text) > cfg.max_dup_para_char_frac:
-        return False, "gopher_dup_paragraph_chars"
-    return KEEP
+    return _duplicate_parts(paragraphs, doc.text, cfg.max_dup_para_frac, cfg.max_dup_para_char_frac, ("gopher_dup_paragraphs", "gopher_dup_paragraph_chars"))
 
 
 def gopher_duplicate_lines(doc: TextView, cfg: GopherRepetition) -> Verdict:
     lines = _LINE_BREAKS.split(doc.text)
-    count, chars = duplicates(lines)
-    if cfg.max_dup_line_frac is not None and count / len(lines) > cfg.max_dup_line_frac:
-        return False, "gopher_dup_lines"
-    if cfg.max_dup_line_char_frac is not None and chars / len(doc.text) > cfg.max_dup_line_char_frac:
-        return False, "gopher_dup_line_chars"
-    return KEEP
+    return _duplicate_parts(lines, doc.text, cfg.max_dup_line_frac, cfg.max_dup_line_char_frac, ("gopher_dup_lines", "gopher_dup_line_chars"))
 
 
 def top_ngram_chars(doc: TextView, n: int) -> int:
