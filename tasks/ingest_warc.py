@@ -278,7 +278,8 @@ def iter_records(fh, cfg: IngestWarcConfig, source: str, warc_file: str) -> Iter
                     log.debug("corrupt record in %s: %s", warc_file, exc)
                     row, reason = None, "corrupt_record"
                 yield row, reason, record.rec_type
-                good_end = records.get_record_offset() + records.get_record_length()
+                # a cut gzip member can make warcio report a negative length: never move back
+                good_end = max(good_end, records.get_record_offset() + records.get_record_length())
             return
         except CORRUPTION_ERRORS as exc:
             log.warning("ingest_warc: damaged data in %s after offset %d (%s); skipping to the next record", warc_file, good_end, str(exc).splitlines()[0][:200])
