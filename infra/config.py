@@ -158,7 +158,7 @@ class ExtractConfig(Section):
     main_content: bool = Field(True, description="drop navigation, menus, footers and other boilerplate")
     languages: list[str] = Field(default_factory=list, description="keep only these languages (ISO 639-1, e.g. en); empty: keep all")
     min_language_score: float = Field(0.0, ge=0, le=1, description="drop documents whose language probability is lower")
-    lid_model_path: str | None = Field(None, description="fastText language-ID model (lid.176.bin/.ftz); default: py3langid's model shipped in the package")
+    lid_model_path: str | None = Field(None, description="fastText language-ID model (lid.176.bin/.ftz); default: CLD2 (pycld2), compiled into the package")
     lid_max_chars: int = Field(2000, ge=100, description="language ID reads this many characters of the text")
     min_text_chars: int = Field(20, ge=0, description="shorter extracted texts are dropped as too_short")
     max_html_bytes: int = Field(10 * 2**20, ge=1024, description="larger pages are dropped as html_too_large")

@@ -12,9 +12,11 @@ what holds), and resiliparse's text matches trafilatura's with a mean token-over
 extract`` measures this whole stage path against datatrove's WarcReader + Trafilatura side
 by side. ``extract.extractor: trafilatura`` remains for users who prefer its precision.
 
-Language ID is offline: py3langid's model ships inside the package (140 labels), or a
-fastText model such as lid.176.bin/.ftz at ``extract.lid_model_path``. Labels are ISO 639-1
-codes ("en", "de"); the score is the label's probability.
+Language ID is offline: CLD2 (pycld2; its tables are compiled into the package, 80+
+languages), or a fastText model such as lid.176.bin/.ftz at ``extract.lid_model_path``.
+Labels are ISO 639-1 codes ("en", "de"; "un" when unknown). CLD2 replaced py3langid by
+measurement on the python311 WARC: 12x faster (0.08 vs 0.97 ms a page) and it agrees with
+fastText's lid.176 on every page, where py3langid labelled near-empty index pages Latin.
 
 A pathological page cannot stall a shard: every document is processed in a forked worker
 process, and one that runs past ``time_limit_s`` is killed (the document counted as
@@ -34,12 +36,14 @@ import codecs
 import functools
 import logging
 import os
+import re
 import signal
 from collections import Counter
 from functools import partial
 from multiprocessing.connection import Pipe
 from typing import Any, Callable
 
+import pycld2
 from pydantic import BaseModel
 from resiliparse.extract.html2text import extract_plain_text
 from resiliparse.parse.encoding import bytes_to_str, detect_encoding
@@ -51,7 +55,7 @@ from infra.parallel import map_shards
 from infra.store import StageDir, StageRef
 from tasks.ingest_warc import record_chunks
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"
 log = logging.getLogger("lmfoundry.extract")
 
 class ExtractStats(BaseModel):
@@ -96,8 +100,23 @@ def extract_html(payload: bytes, charset: str, extractor: str, main_content: boo
 # ---------------------------------------------------------------- language ID
 
 
+# CLD2 refuses text holding control characters, surrogates or Unicode noncharacters
+CLD2_UNSAFE = re.compile(
+    "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef"
+    + "".join(chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17))
+    + "]"
+)
+# CLD2 still uses a few withdrawn codes; documents are labelled with the current ones
+CLD2_LEGACY_CODES = {"iw": "he", "jw": "jv", "in": "id"}
+
+
 class LanguageId:
-    """text -> (ISO 639-1 label, probability), from py3langid's packaged model or a fastText model."""
+    """text -> (ISO 639-1 label, score in [0, 1]); "un" when the language cannot be told.
+
+    Default: CLD2 (pycld2, model compiled into the package); the score is the share of the
+    text in the top language. With a fastText model (lid.176.bin/.ftz) the score is the
+    label's probability.
+    """
 
     def __init__(self, model_path: str | None = None):
         self.model_path = model_path
@@ -105,24 +124,25 @@ class LanguageId:
             import fasttext
 
             if not os.path.exists(model_path):
-                raise FileNotFoundError(f"extract.lid_model_path '{model_path}' does not exist; point it at lid.176.bin/.ftz or unset it to use py3langid")
+                raise FileNotFoundError(f"extract.lid_model_path '{model_path}' does not exist; point it at lid.176.bin/.ftz or unset it to use CLD2")
             self._fasttext = fasttext.load_model(model_path)
-        else:
-            from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-            self._langid = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
 
     def __call__(self, text: str) -> tuple[str, float]:
         if self.model_path:
             labels, probs = self._fasttext.predict(text.replace("\n", " "), k=1)
             return labels[0].removeprefix("__label__"), min(1.0, float(probs[0]))
-        label, score = self._langid.classify(text)
-        return label, float(score)
+        try:
+            _, _, details = pycld2.detect(CLD2_UNSAFE.sub(" ", text))
+        except pycld2.error:
+            return "un", 0.0
+        _, code, percent, _ = details[0]
+        code = code.split("-")[0]  # zh-Hant -> zh
+        return CLD2_LEGACY_CODES.get(code, code), percent / 100
 
 
 @functools.lru_cache(maxsize=4)
 def language_id(model_path: str | None) -> LanguageId:
-    """One loaded model per process (loading py3langid's takes about a second)."""
+    """One loaded model per process (loading a fastText model takes a while)."""
     return LanguageId(model_path)
 
 
@@ -264,13 +284,16 @@ def document(record: dict[str, Any], extracted: dict[str, Any], extractor: str) 
 def extract_records(cfg: ExtractConfig, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Counter, Counter]:
     """Documents of some records, with skip reasons and kept languages counted."""
     lid = language_id(cfg.lid_model_path)  # loaded before the fork, so every worker shares it
-    work = partial(process_payload, cfg, lid)
+
+    def work(index: int) -> tuple[dict[str, Any] | None, str | None]:
+        # the forked worker holds the records already: only an index goes through the pipe
+        return process_payload(cfg, lid, records[index])
+
     docs, skipped, languages = [], Counter(), Counter()
     with Sandbox(work, cfg.time_limit_s) as sandbox:
-        for record in records:
-            arg = {k: record[k] for k in ("payload", "payload_kind", "charset", "url")}
+        for index, record in enumerate(records):
             try:
-                extracted, reason = sandbox(arg)
+                extracted, reason = sandbox(index)
             except SandboxTimeout:
                 log.warning("extract: %s took longer than %.1f s; skipped", record["url"], cfg.time_limit_s)
                 extracted, reason = None, "timeout"

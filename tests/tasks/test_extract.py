@@ -88,6 +88,17 @@ def test_language_id_labels_sample_paragraphs(language):
     assert label == language and score > 0.9
 
 
+def test_language_id_codes_control_characters_and_unknown():
+    lid = language_id(None)
+    # CLD2's own codes are iw and zh-Hant; documents get the ISO 639-1 ones
+    assert lid("שלום עולם, זהו טקסט בעברית שנכתב כדי לבדוק את זיהוי השפה של הספרייה")[0] == "he"
+    assert lid("這是一個用繁體中文寫的句子，用來測試語言識別是否正確運作。我們希望它能夠被正確地識別出來。")[0] == "zh"
+    # characters CLD2 rejects (NUL, C1 controls, lone surrogates, noncharacters) do not hide the language
+    label, score = lid("\x00\x85\ud800\ufffe\U0010ffff " + SAMPLES["de"])
+    assert label == "de" and score > 0.9
+    assert lid("Index – A") == ("un", 0.0)
+
+
 def test_charset_from_header_and_detected():
     german = simple_page("Straße", SAMPLES["de"]).decode().encode("latin-1")
     for charset in ("iso-8859-1", ""):
@@ -109,7 +120,7 @@ def test_meta_charset_beats_guessing():
 
 
 def test_fasttext_model_path(tmp_path):
-    """A fastText LID model at extract.lid_model_path replaces py3langid (a tiny one trained here)."""
+    """A fastText LID model at extract.lid_model_path replaces CLD2 (a tiny one trained here)."""
     import fasttext
 
     lines = []
