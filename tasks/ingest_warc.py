@@ -30,7 +30,8 @@ fatal: revisit (an unchanged page a re-crawl did not store again), http_3xx/4xx/
 non_html, no_http_headers (e.g. dns: records), empty_payload, corrupt_record (a digest
 mismatch, a truncated gzip member, garbage bytes: reading resumes at the next record
 boundary found in the file) and unreadable_file. Request, warcinfo and metadata records
-are counted in ``other_records``.
+are counted in ``other_records``. Records are read with FastWARC (several times faster than
+warcio); HTTP bodies are decoded as warcio does, falling back to the bytes as sent.
 
 Run alone: ``lmf run --until ingest_warc --set 'ingest_warc.paths=["data/*.warc.gz"]'``.
 """
@@ -46,18 +47,19 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Iterator
 
+import brotli
 import fsspec
 import pyarrow as pa
+from fastwarc.warc import ArchiveIterator, WarcRecord
 from pydantic import BaseModel
-from warcio.archiveiterator import ArchiveIterator
-from warcio.exceptions import ArchiveLoadFailed
+from warcio.bufferedreaders import BufferedReader, ChunkedDataReader
 
 from infra.config import IngestWarcConfig
 from infra.files import InputError, match_files
 from infra.parallel import map_shards
 from infra.store import StageDir, StageRef, StageReader
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: FastWARC reader; a record cut off at the end of a file is corrupt, br bodies decoded
 log = logging.getLogger("lmfoundry.ingest_warc")
 
 RECORD_SCHEMA = pa.schema(
@@ -79,9 +81,15 @@ RECORD_SCHEMA = pa.schema(
 RECORDS_PREFIX = "records/"
 FILES_PREFIX = "files/"
 CRAWL_SOURCE = "crawl"
-WARC_SUFFIXES = (".warc", ".warc.gz", ".wet", ".wet.gz", ".arc", ".arc.gz")
+WARC_SUFFIXES = (".warc", ".warc.gz", ".wet", ".wet.gz")  # the legacy ARC format is not read
 # everything a damaged file can raise while records are parsed or payloads decoded
-CORRUPTION_ERRORS = (ArchiveLoadFailed, EOFError, OSError, ValueError, zlib.error, IndexError, KeyError)
+CORRUPTION_ERRORS = (EOFError, OSError, ValueError, zlib.error, brotli.error, IndexError, KeyError)
+# Content-Encodings undone by warcio's decoders: they fall back to the bytes as sent when a server
+# mislabels its body, where FastWARC's own decoder raises and cannot read the rest of the file
+WARCIO_DECODINGS = ("gzip", "x-gzip", "deflate")
+# checking a record's digest holds its whole block in memory; larger records (video, disk
+# images) go unchecked, which also bounds what a damaged Content-Length can make us buffer
+DIGEST_CHECK_MAX_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -177,32 +185,65 @@ def looks_like_html(payload: bytes) -> bool:
     return head.startswith((b"<!doctype html", b"<html")) or b"<html" in head
 
 
-def read_payload(record, cap: int) -> tuple[bytes, bool]:
-    """The decoded payload, at most `cap` bytes, and whether it was cut."""
-    payload = record.content_stream().read(cap + 1)
-    return payload[:cap], len(payload) > cap
+def unbrotli(body: bytes, limit: int) -> bytes:
+    """At least `limit` bytes of a brotli body if it has that many (warcio's brotli decoder fails with brotli >= 1.2)."""
+    try:
+        return brotli.Decompressor().process(body, output_buffer_limit=limit)
+    except brotli.error:  # not brotli after all: the body as sent, as the other decoders do
+        return body
 
 
-def parse_record(record, cfg: IngestWarcConfig, source: str, warc_file: str) -> tuple[dict | None, str | None]:
+def http_body(record: WarcRecord, limit: int) -> bytes:
+    """At most `limit` bytes of the HTTP body with chunking and Content-Encoding undone."""
+    http = record.http_headers
+    encoding = (http.get("Content-Encoding") or "").lower()
+    decoding = encoding if encoding in WARCIO_DECODINGS else None
+    if http.get("Transfer-Encoding") == "chunked":
+        body = ChunkedDataReader(record.reader, decomp_type=decoding)
+    elif decoding:
+        body = BufferedReader(record.reader, decomp_type=decoding)
+    else:
+        body = record.reader
+    if encoding == "br":
+        return unbrotli(body.read(), limit)[:limit]
+    return body.read(limit)
+
+
+def digest_matches(record: WarcRecord) -> bool:
+    """False when the record's WARC-Block-Digest does not match its bytes: the record is damaged.
+
+    FastWARC reports a missing digest as a mismatch, so a record without one passes. The check
+    must run before the HTTP headers are parsed, as it hashes the whole block.
+    """
+    if "WARC-Block-Digest" not in record.headers or record.content_length > DIGEST_CHECK_MAX_BYTES:
+        return True
+    return record.verify_block_digest()
+
+
+def parse_record(record: WarcRecord, cfg: IngestWarcConfig, source: str, warc_file: str) -> tuple[dict | None, str | None]:
     """One WARC record -> (row, None) or (None, skip reason)."""
-    rec_type = record.rec_type
+    headers = record.headers
+    rec_type = headers.get("WARC-Type")
+    cap = cfg.max_payload_bytes
     if rec_type == "revisit":
         return None, "revisit"
-    headers = record.rec_headers
+    if not digest_matches(record):
+        return None, "corrupt_record"
     if rec_type == "conversion":
-        content_type, charset = media_type(headers.get_header("Content-Type") or "text/plain")
+        content_type, charset = media_type(headers.get("Content-Type") or "text/plain")
         status, kind = 0, "text"
+        payload = record.reader.read(cap + 1)
     else:
-        if record.http_headers is None or not record.http_headers.get_statuscode():
+        record.parse_http()  # a no-op for a record that holds no HTTP message (dns: ...)
+        if record.http_headers is None or not record.http_headers.status_code:
             return None, "no_http_headers"
-        status = int(record.http_headers.get_statuscode())
+        status = record.http_headers.status_code
         if status != 200:
             return None, f"http_{status // 100}xx"
-        content_type, charset = media_type(record.http_headers.get_header("Content-Type"))
+        content_type, charset = media_type(record.http_headers.get("Content-Type"))
         kind = "html"
-    payload, cut = read_payload(record, cfg.max_payload_bytes)
-    if record.digest_checker.passed is False:
-        return None, "corrupt_record"
+        payload = http_body(record, cap + 1)
+    payload, cut = payload[:cap], len(payload) > cap
     if not payload.strip():
         return None, "empty_payload"
     if kind == "html":
@@ -210,9 +251,9 @@ def parse_record(record, cfg: IngestWarcConfig, source: str, warc_file: str) -> 
             content_type = "text/html"
         if content_type not in cfg.content_types:
             return None, "non_html"
-    url = headers.get_header("WARC-Target-URI") or ""
-    date = headers.get_header("WARC-Date") or ""
-    warc_id = headers.get_header("WARC-Record-ID") or ""
+    url = headers.get("WARC-Target-URI") or ""
+    date = headers.get("WARC-Date") or ""
+    warc_id = headers.get("WARC-Record-ID") or ""
     return {
         "id": record_id(warc_id, url, date),
         "url": url,
@@ -223,7 +264,7 @@ def parse_record(record, cfg: IngestWarcConfig, source: str, warc_file: str) -> 
         "http_status": status,
         "payload_kind": kind,
         "payload": payload,
-        "truncated": cut or bool(headers.get_header("WARC-Truncated")),
+        "truncated": cut or bool(headers.get("WARC-Truncated")),
         "source": source,
         "warc_file": warc_file,
     }, None
@@ -257,34 +298,56 @@ def next_record_start(fh, start: int, gzipped: bool, block: int = 1 << 20) -> in
         pos += block
 
 
+def record_end(fh, start: int, content_length: str | None, gzipped: bool) -> int:
+    """How far the record read at `start` surely reaches; the next record begins after it.
+
+    In a gzipped file the next record is a later gzip member, and a member's compressed size
+    is not known. In a plain one it follows the header block and Content-Length bytes, so a
+    payload line that starts with 'WARC/1.' (a page about WARC files) is not taken for a record.
+    """
+    if gzipped:
+        return start
+    fh.seek(start)
+    header_end = fh.read(1 << 16).find(b"\r\n\r\n")
+    try:
+        return start + header_end + 4 + int(content_length or "") if header_end != -1 else start
+    except ValueError:
+        return start
+
+
 def iter_records(fh, cfg: IngestWarcConfig, source: str, warc_file: str) -> Iterator[tuple[dict | None, str | None, str]]:
     """(row, skip reason, record type) for every record; a damaged stretch is skipped and counted.
 
-    After a failure reading resumes at the next record boundary past the last good record,
-    so one bad record costs that record, not the rest of the file.
+    FastWARC raises OSError at damage (a cut gzip member, bytes that are not a WARC header)
+    and its iterator reads nothing more, so reading resumes with a new one at the next record
+    boundary past the last record read: one bad record costs that record, not the rest of the file.
     """
     fh.seek(0)
     gzipped = fh.read(2) == b"\x1f\x8b"
-    resume_at = 0
+    resume_at: int | None = 0
     while resume_at is not None:
         fh.seek(resume_at)
-        records = ArchiveIterator(fh, check_digests=True)
-        good_end = resume_at
+        last = None  # (offset, Content-Length) of the last record read in this pass
         try:
-            for record in records:
+            for record in ArchiveIterator(fh, parse_http=False):
+                rec_type = record.headers.get("WARC-Type") or ""
+                last = (resume_at + record.stream_pos, record.headers.get("Content-Length"))
                 try:
-                    row, reason = parse_record(record, cfg, source, warc_file) if record.rec_type in ("response", "conversion", "revisit") else (None, None)
+                    if rec_type in ("response", "conversion", "revisit"):
+                        row, reason = parse_record(record, cfg, source, warc_file)
+                    else:  # counted in other_records, unless the header block was cut before WARC-Type
+                        row, reason = None, None if rec_type else "corrupt_record"
                 except CORRUPTION_ERRORS as exc:
                     log.debug("corrupt record in %s: %s", warc_file, exc)
                     row, reason = None, "corrupt_record"
-                yield row, reason, record.rec_type
-                # a cut gzip member can make warcio report a negative length: never move back
-                good_end = max(good_end, records.get_record_offset() + records.get_record_length())
+                yield row, reason, rec_type
             return
         except CORRUPTION_ERRORS as exc:
-            log.warning("ingest_warc: damaged data in %s after offset %d (%s); skipping to the next record", warc_file, good_end, str(exc).splitlines()[0][:200])
+            log.warning("ingest_warc: damaged data in %s after offset %d (%s); skipping to the next record", warc_file, last[0] if last else resume_at, (str(exc) or type(exc).__name__).splitlines()[0][:200])
             yield None, "corrupt_record", "response"
-            resume_at = next_record_start(fh, good_end + 1, gzipped)
+            # strictly past where this pass began, so every pass moves forward and reading ends
+            skip_to = resume_at if last is None else max(resume_at, record_end(fh, *last, gzipped))
+            resume_at = next_record_start(fh, skip_to + 1, gzipped)
 
 
 # ---------------------------------------------------------------- the stage

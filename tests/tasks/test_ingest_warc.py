@@ -5,16 +5,18 @@ import gzip
 import io
 import random
 import uuid
+from collections import Counter
 
 import boto3
+import brotli
 import pyarrow.parquet as pq
 import pytest
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
-from infra.config import PipelineConfig
+from infra.config import IngestWarcConfig, PipelineConfig
 from infra.stage import StageSpec, run_stage
-from tasks.ingest_warc import record_chunks
+from tasks.ingest_warc import iter_records, record_chunks
 
 INGEST_WARC = StageSpec("ingest_warc", "tasks.ingest_warc:run_ingest_warc", section="ingest_warc", inputs=("crawl",))
 WORDS = "north south east west river hill stone field wood lake bridge tower road gate wall".split()
@@ -161,6 +163,69 @@ def test_damaged_records_are_skipped_and_reading_goes_on(store, tmp_path, seed):
     assert {"http://example.org/p0", "http://example.org/p1", "http://example.org/p2"} <= urls
     assert outcome.stats["skipped"]["corrupt_record"] >= 3  # at least one per damaged file
     assert outcome.stats["files"] == 3
+
+
+def read_archive(data: bytes) -> tuple[dict[str, dict], Counter]:
+    """iter_records over an archive in memory: rows by URL and the skip reasons counted."""
+    rows, skipped = {}, Counter()
+    for row, reason, _ in iter_records(io.BytesIO(data), IngestWarcConfig(), "test", "test.warc"):
+        if row:
+            rows[row["url"]] = row
+        elif reason:
+            skipped[reason] += 1
+    return rows, skipped
+
+
+def test_any_damaged_archive_loses_only_the_damaged_record():
+    for seed in range(300):  # the cut lands differently with every seed's record ids
+        rows, skipped = read_archive(damaged_archive(seed))
+        assert set(rows) == {f"http://example.org/d{n}" for n in (0, 2, 3, 4)}, seed
+        assert skipped["corrupt_record"] >= 2, seed  # the cut member and the garbage, each counted
+
+
+def test_a_record_cut_off_at_the_end_of_the_file_is_corrupt():
+    for compress in (True, False):
+        a = ArchiveBuilder(compress=compress)
+        for n in range(3):
+            a.response(f"http://example.org/e{n}", page(40 + n))
+        data = a.data()
+        for cut in (data[:-50], data[: a.offsets[2] + 100]):  # in the payload, in the header block
+            rows, skipped = read_archive(cut)
+            assert set(rows) == {"http://example.org/e0", "http://example.org/e1"}
+            assert skipped == {"corrupt_record": 1}
+
+
+def test_a_page_quoting_a_warc_record_is_not_read_as_one_after_damage():
+    quoted = b"<html><body><pre>\nWARC/1.0\r\nWARC-Type: response\r\nWARC-Target-URI: http://quoted.example/\r\n\r\n</pre></body></html>"
+    a = ArchiveBuilder(compress=False)
+    a.response("http://example.org/q0", page(50) + quoted)
+    a.response("http://example.org/q1", page(51))
+    data = a.data()
+    start1, _ = a.member(1)
+    rows, skipped = read_archive(data[:start1] + b"junk line\r\n" * 3 + data[start1:])
+    assert set(rows) == {"http://example.org/q0", "http://example.org/q1"}
+    assert skipped == {"corrupt_record": 1}
+
+
+def test_content_encodings_are_undone_and_mislabelled_bodies_kept_as_sent():
+    html = [("Content-Type", "text/html")]
+    gzipped = gzip.compress(page(61))
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(gzipped[i : i + 100]), gzipped[i : i + 100]) for i in range(0, len(gzipped), 100)) + b"0\r\n\r\n"
+    a = ArchiveBuilder()
+    a.response("http://example.org/br", brotli.compress(page(60)), headers=html + [("Content-Encoding", "br")])
+    a.response("http://example.org/chunked-gzip", chunked, headers=html + [("Transfer-Encoding", "chunked"), ("Content-Encoding", "gzip")])
+    a.response("http://example.org/not-gzip", page(62), headers=html + [("Content-Encoding", "gzip")])
+    a.response("http://example.org/not-chunked", page(63), headers=html + [("Transfer-Encoding", "chunked")])
+    a.response("http://example.org/after", page(64))
+    rows, skipped = read_archive(a.data())
+    assert {url: row["payload"] for url, row in rows.items()} == {
+        "http://example.org/br": page(60),
+        "http://example.org/chunked-gzip": page(61),
+        "http://example.org/not-gzip": page(62),
+        "http://example.org/not-chunked": page(63),
+        "http://example.org/after": page(64),
+    }
+    assert not skipped
 
 
 def test_large_files_become_several_chunks_and_changes_make_a_new_version(store, tmp_path):
