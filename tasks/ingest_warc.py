@@ -37,6 +37,7 @@ Run alone: ``lmf run --until ingest_warc --set 'ingest_warc.paths=["data/*.warc.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -90,6 +91,7 @@ WARCIO_DECODINGS = ("gzip", "x-gzip", "deflate")
 # checking a record's digest holds its whole block in memory; larger records (video, disk
 # images) go unchecked, which also bounds what a damaged Content-Length can make us buffer
 DIGEST_CHECK_MAX_BYTES = 64 * 2**20
+DIGEST_SIZES = {"md5": 16, "sha1": 20, "sha256": 32, "sha512": 64}
 
 
 @dataclass(frozen=True)
@@ -209,14 +211,33 @@ def http_body(record: WarcRecord, limit: int) -> bytes:
     return body.read(limit)
 
 
+def canonical_digest(header: str) -> str | None:
+    """A WARC digest ('sha1:VALUE', VALUE in base32, hex or base64, any case) in the form FastWARC
+    checks: the algorithm in lower case, the value in upper-case base32. None when the algorithm
+    or the encoding is unknown: such a record goes unchecked rather than dropped as corrupt."""
+    algorithm, _, value = header.strip().partition(":")
+    size = DIGEST_SIZES.get(algorithm.lower())
+    decoders = (bytes.fromhex, lambda v: base64.b32decode(v.upper() + "=" * (-len(v) % 8)), base64.b64decode)
+    for decode in decoders if size else ():
+        try:
+            raw = decode(value)
+        except ValueError:  # binascii.Error is a ValueError
+            continue
+        if len(raw) == size:
+            return f"{algorithm.lower()}:{base64.b32encode(raw).decode()}"
+    return None
+
+
 def digest_matches(record: WarcRecord) -> bool:
     """False when the record's WARC-Block-Digest does not match its bytes: the record is damaged.
 
-    FastWARC reports a missing digest as a mismatch, so a record without one passes. The check
-    must run before the HTTP headers are parsed, as it hashes the whole block.
+    A record without a digest, or with one we cannot read, passes. The check must run before
+    the HTTP headers are parsed, as it hashes the whole block.
     """
-    if "WARC-Block-Digest" not in record.headers or record.content_length > DIGEST_CHECK_MAX_BYTES:
+    digest = canonical_digest(record.headers.get("WARC-Block-Digest") or "")
+    if digest is None or record.content_length > DIGEST_CHECK_MAX_BYTES:
         return True
+    record.headers["WARC-Block-Digest"] = digest
     return record.verify_block_digest()
 
 

@@ -1,7 +1,9 @@
 """WARC / WET ingest on generated archives: record types, decoding, damage, fsspec URLs."""
 from __future__ import annotations
 
+import base64
 import gzip
+import hashlib
 import io
 import random
 import uuid
@@ -226,6 +228,35 @@ def test_content_encodings_are_undone_and_mislabelled_bodies_kept_as_sent():
         "http://example.org/after": page(64),
     }
     assert not skipped
+
+
+def raw_response(url: str, block_digest) -> bytes:
+    """An uncompressed response record whose WARC-Block-Digest is block_digest(block)."""
+    block = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n\r\n" + page(70)
+    headers = (
+        f"WARC/1.0\r\nWARC-Type: response\r\nWARC-Target-URI: {url}\r\nWARC-Date: 2024-05-01T12:00:00Z\r\n"
+        f"WARC-Record-ID: <urn:uuid:{uuid.UUID(int=len(url))}>\r\nContent-Type: application/http; msgtype=response\r\n"
+        f"WARC-Block-Digest: {block_digest(block)}\r\nContent-Length: {len(block)}\r\n\r\n"
+    )
+    return headers.encode() + block + b"\r\n\r\n"
+
+
+def test_block_digests_in_any_common_encoding_are_checked():
+    sha1 = lambda block: hashlib.sha1(block).digest()  # noqa: E731
+    written = {
+        "b32": lambda b: "sha1:" + base64.b32encode(sha1(b)).decode(),
+        "b32-lower": lambda b: "sha1:" + base64.b32encode(sha1(b)).decode().lower(),
+        "hex": lambda b: "sha1:" + sha1(b).hex(),
+        "b64": lambda b: "sha1:" + base64.b64encode(sha1(b)).decode(),
+        "sha256-hex": lambda b: "sha256:" + hashlib.sha256(b).hexdigest(),
+        "md5-b32": lambda b: "md5:" + base64.b32encode(hashlib.md5(b).digest()).decode(),
+        "unknown-algorithm": lambda b: "blake9:" + sha1(b).hex(),  # cannot be checked: kept
+    }
+    damaged = {"wrong-sha1": lambda b: "sha1:" + base64.b32encode(sha1(b + b"x")).decode(), "wrong-sha256": lambda b: "sha256:" + hashlib.sha256(b"").hexdigest()}
+    archive = b"".join(raw_response(f"http://example.org/{name}", digest) for name, digest in {**written, **damaged}.items())
+    rows, skipped = read_archive(archive)
+    assert set(rows) == {f"http://example.org/{name}" for name in written}
+    assert skipped == {"corrupt_record": 2}
 
 
 def test_large_files_become_several_chunks_and_changes_make_a_new_version(store, tmp_path):
