@@ -157,7 +157,7 @@ class ExtractConfig(Section):
     extractor: Literal["resiliparse", "trafilatura"] = Field("resiliparse", description="resiliparse: 10-40x faster than trafilatura, token F1 ~0.98 against its text (lmf bench extract)")
     main_content: bool = Field(True, description="drop navigation, menus, footers and other boilerplate")
     languages: list[str] = Field(default_factory=list, description="keep only these languages (ISO 639-1, e.g. en); empty: keep all")
-    min_language_score: float = Field(0.0, ge=0, le=1, description="drop documents whose language probability is lower")
+    min_language_score: float = Field(0.0, ge=0, le=1, description="drop documents whose language score is lower (CLD2: share of the text in that language; fastText: probability)")
     lid_model_path: str | None = Field(None, description="fastText language-ID model (lid.176.bin/.ftz); default: CLD2 (pycld2), compiled into the package")
     lid_max_chars: int = Field(2000, ge=100, description="language ID reads this many characters of the text")
     min_text_chars: int = Field(20, ge=0, description="shorter extracted texts are dropped as too_short")
