@@ -56,12 +56,12 @@ from typing import Any
 
 import numpy as np
 
-from infra.config import NearDedupConfig, PipelineConfig
-from infra.docs import docs_table, shard_name
-from infra.stage import StageSpec, run_stage
-from infra.store import StageDir, StageRef, Store
+from lmfoundry.infra.config import NearDedupConfig, PipelineConfig
+from lmfoundry.infra.docs import docs_table, shard_name
+from lmfoundry.infra.stage import StageSpec, run_stage
+from lmfoundry.infra.store import StageDir, StageRef, Store
 
-SPEC = StageSpec("near_dedup", "tasks.near_dedup:run_near_dedup", section="near_dedup")
+SPEC = StageSpec("near_dedup", "lmfoundry.tasks.dedup.near_dedup:run_near_dedup", section="near_dedup")
 BAD_REMOVAL = 0.7
 NGRAM = 5
 MEMORY_SHARD_DOCS = 250
@@ -267,7 +267,7 @@ def _datatrove_removals(base: str) -> dict[int, int]:
 
 def memory_profile(sizes: list[tuple[str, list[str]]], workdir: str) -> dict[str, Any]:
     """Peak memory of the band-groups, components and clusters steps at each corpus size."""
-    from tasks.near_dedup import run_near_dedup
+    from lmfoundry.tasks.dedup.near_dedup import run_near_dedup
 
     knobs = {"bucket_partition_rows": 5_000, "cluster_partition_bytes": 2**18}
     cfg = NearDedupConfig(**knobs)
@@ -282,7 +282,7 @@ def memory_profile(sizes: list[tuple[str, list[str]]], workdir: str) -> dict[str
         for step in ("groups", "components", "clusters"):
             spec = {"store": store.url, "version": "memory", "input": ref.model_dump(), "config": cfg.model_dump(), "step": step}
             child = subprocess.run(
-                [sys.executable, "-m", "bench.dedup", "--memory-child", json.dumps(spec)],
+                [sys.executable, "-m", "lmfoundry.bench.dedup", "--memory-child", json.dumps(spec)],
                 capture_output=True,
                 text=True,
                 cwd=Path(__file__).resolve().parent.parent,
@@ -299,7 +299,7 @@ def memory_child(spec: dict[str, Any]) -> None:
 
     import pyarrow as pa
 
-    from tasks import near_dedup as nd
+    from lmfoundry.tasks.dedup import near_dedup as nd
 
     cfg = NearDedupConfig(**spec["config"])
     store = Store(spec["store"])
@@ -362,7 +362,7 @@ def main(argv: list[str]) -> int:
         ours_rate, ds_rate = len(texts) / min(ours_s), len(texts) / min(ds_s)
         quality = score(ours_removed, truth, args.threshold)
         quality["datasketch"] = {"docs_per_s": round(ds_rate, 1), **score(ds_removed, truth, args.threshold)}
-        from tasks.minhash import choose_bands
+        from lmfoundry.tasks.dedup.minhash import choose_bands
 
         bands, rows = choose_bands(args.threshold, args.num_perm, 0.5, 0.5)
         dt_rate = None

@@ -2,8 +2,8 @@
 
     lmf bench extract [--data FILE_OR_DIR] [--baseline-sample 150] [--extractor resiliparse]
 
-Ours is the extract stage's own code path: tasks.ingest_warc reads the WARC records and
-tasks.extract extracts main content in its time-limited worker and labels the language.
+Ours is the extract stage's own code path: lmfoundry.tasks.acquire.ingest_warc reads the WARC records and
+lmfoundry.tasks.acquire.extract extracts main content in its time-limited worker and labels the language.
 The baseline is datatrove's WarcReader + Trafilatura extractor (its defaults: favour
 precision, 1 s per-document timeout) on the same file. The process is pinned to one CPU,
 so both sides (and our forked worker) share one core. datatrove is slow, so both sides
@@ -60,9 +60,9 @@ def pin_one_core() -> int:
 
 def run_ours(path: Path, extractor: str, limit: int | None = None) -> tuple[float, int, dict[str, str], dict]:
     """Our stage's path over the first `limit` response records (all when None)."""
-    from infra.config import ExtractConfig, IngestWarcConfig
-    from tasks.extract import extract_records, language_id
-    from tasks.ingest_warc import iter_records
+    from lmfoundry.infra.config import ExtractConfig, IngestWarcConfig
+    from lmfoundry.tasks.acquire.extract import extract_records, language_id
+    from lmfoundry.tasks.acquire.ingest_warc import iter_records
 
     cfg = ExtractConfig(extractor=extractor, min_text_chars=0)
     language_id(cfg.lid_model_path)  # model loading is a once-per-process cost, not per document

@@ -7,10 +7,10 @@
 
 One command that builds, checks and times, in a few minutes:
 1. builds the model (model/transformer.py) at the chosen size and our DeepSpeed engine
-   (model.train.build_engine: AdamW, warmup + cosine, clipping 1.0, bf16, ZeRO stage 1);
+   (lmfoundry.model.train.build_engine: AdamW, warmup + cosine, clipping 1.0, bf16, ZeRO stage 1);
 2. checks that the flash kernel of ``scaled_dot_product_attention`` accepts our attention
    shapes (then forces it while timing), and that both loops start from the same loss;
-3. times ``model.train.engine_step`` and, as the baseline, a textbook PyTorch loop
+3. times ``lmfoundry.model.train.engine_step`` and, as the baseline, a textbook PyTorch loop
    (fp32 weights, bf16 autocast, fused AdamW, clipping) on the same model and batches,
    alternating in chunks. MFU = FLOPs/token (6N + attention) x tokens/s / peak.
 The last stdout line is the benchmark JSON object. The peak comes from the GPU's name
@@ -88,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from infra.config import ModelConfig, PretrainConfig
-    from model.losses import lm_loss, split_batch
-    from model.train import build_engine, engine_step, init_single_process
-    from model.transformer import Transformer, resolve
+    from lmfoundry.infra.config import ModelConfig, PretrainConfig
+    from lmfoundry.model.losses import lm_loss, split_batch
+    from lmfoundry.model.train import build_engine, engine_step, init_single_process
+    from lmfoundry.model.transformer import Transformer, resolve
 
     if not args.smoke and not torch.cuda.is_available():
         print("gpu_pretrain: no CUDA device; run with --smoke to check the script on CPU", file=sys.stderr)

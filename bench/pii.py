@@ -7,7 +7,7 @@ locales; ``labelled_sentences`` is also what the tests score). Presidio's Analyz
 built with its predefined recognisers for the comparable entity types and a no-op NLP engine,
 so no spaCy model is loaded or needed. datatrove's formatter only knows e-mail and IP, so its
 F1 covers those two. ``metric`` is documents (sentences) per second; ``ratio`` is ours /
-Presidio; ``quality`` holds every tool's per-type F1 (span match rule: tasks/pii_eval.py).
+Presidio; ``quality`` holds every tool's per-type F1 (span match rule: tasks/pii/evaluate.py).
 ``--write FILE`` saves the labelled set as JSONL for ``lmf eval pii FILE``.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import string
 import time
 from typing import Any, Callable
 
-from infra.config import PiiConfig
+from lmfoundry.infra.config import PiiConfig
 
 LOCALES = ("en_US", "en_GB", "de_DE", "fr_FR", "es_ES", "nl_NL", "en_CA")
 REGEX_TYPES = ("EMAIL", "PHONE", "IP", "CREDIT_CARD", "IBAN", "US_SSN")
@@ -240,7 +240,7 @@ def presidio_analyzer():
 
 def datatrove_spans(formatter: Any, text: str) -> list[Any]:
     """The spans datatrove's formatter would replace (its own regexes and validator)."""
-    from tasks.pii_eval import GoldSpan
+    from lmfoundry.tasks.pii.evaluate import GoldSpan
 
     spans = [GoldSpan("EMAIL", m.start(), m.end()) for m in formatter.emails_replacer.regex.finditer(text)]
     validate = formatter.ip_replacer.validator
@@ -270,8 +270,8 @@ def main(argv: list[str]) -> int:
 
     from datatrove.pipeline.formatters import PIIFormatter
 
-    from tasks.pii import find_pii
-    from tasks.pii_eval import parse_record, predict, score
+    from lmfoundry.tasks.pii.detectors import find_pii
+    from lmfoundry.tasks.pii.evaluate import parse_record, predict, score
 
     raw = labelled_sentences(args.n, args.seed)
     if args.write:

@@ -6,7 +6,7 @@ Documents: every HTML page of the given WARC files turned into text here with re
 (main content), so the benchmark depends on no other stage. Both sides judge the same texts
 with the same thresholds (the published defaults):
 
-- ours: tasks.rules with the Gopher repetition, Gopher quality and C4 rule sets (FineWeb off);
+- ours: lmfoundry.tasks.filter.rules with the Gopher repetition, Gopher quality and C4 rule sets (FineWeb off);
 - datatrove: GopherRepetitionFilter -> GopherQualityFilter -> C4QualityFilter, calling each
   filter's `filter()` directly (no pipeline overhead charged to it).
 
@@ -90,13 +90,13 @@ def extract_documents(paths: list[Path], limit: int | None) -> list[dict[str, st
 
 
 def rules_config():
-    from infra.config import HeuristicFilterConfig
+    from lmfoundry.infra.config import HeuristicFilterConfig
 
     return HeuristicFilterConfig(fineweb=HeuristicFilterConfig.FineWeb(enabled=False))
 
 
 def run_ours(texts: list[str]) -> tuple[list[str | None], float]:
-    from tasks import rules, words
+    from lmfoundry.tasks import rules, words
 
     steps = rules.build_steps(rules_config())
     rules.judge("warm up the regular expressions.", steps)
@@ -149,8 +149,8 @@ def fineweb_agreement(texts: list[str]) -> dict:
     from datatrove.data import Document
     from datatrove.pipeline.filters import FineWebQualityFilter
 
-    from infra.config import HeuristicFilterConfig
-    from tasks.rules import build_steps, judge
+    from lmfoundry.infra.config import HeuristicFilterConfig
+    from lmfoundry.tasks.filter.rules import build_steps, judge
 
     off = {"enabled": False}
     steps = build_steps(HeuristicFilterConfig.model_validate({"gopher_repetition": off, "gopher_quality": off, "c4": off}))
@@ -162,11 +162,11 @@ def fineweb_agreement(texts: list[str]) -> dict:
 
 def stage_docs_per_s(docs: list[dict]) -> float:
     """The heuristic_filter stage end to end through a local store, one worker, cold caches."""
-    from infra.config import ComputeConfig, PipelineConfig
-    from infra.docs import docs_table, shard_name
-    from infra.stage import StageSpec, run_stage
-    from infra.store import Store
-    from tasks import words
+    from lmfoundry.infra.config import ComputeConfig, PipelineConfig
+    from lmfoundry.infra.docs import docs_table, shard_name
+    from lmfoundry.infra.stage import StageSpec, run_stage
+    from lmfoundry.infra.store import Store
+    from lmfoundry.tasks.filter import words
 
     with tempfile.TemporaryDirectory(prefix="lmf-bench-quality-") as tmp:
         store = Store(tmp)
@@ -176,7 +176,7 @@ def stage_docs_per_s(docs: list[dict]) -> float:
             out.write_table(shard_name(shard), docs_table(rows[start : start + 500]))
         ref = store.commit(out, {"stats": {}})
         root = PipelineConfig(heuristic_filter=rules_config(), compute=ComputeConfig(workers=1, progress=False))
-        spec = StageSpec("heuristic_filter", "tasks.heuristic_filter:run_heuristic_filter", section="heuristic_filter")
+        spec = StageSpec("heuristic_filter", "lmfoundry.tasks.filter.heuristic_filter:run_heuristic_filter", section="heuristic_filter")
         words._SPLITS.clear()
         words.split_chunk.cache_clear()
         start = time.process_time()
@@ -186,11 +186,11 @@ def stage_docs_per_s(docs: list[dict]) -> float:
 
 def classifier_bench(docs: list[dict]) -> dict:
     """Train a classifier with the pipeline's own stage, then time scoring every page."""
-    from infra.config import ComputeConfig, PipelineConfig, QualityClassifierConfig, SourceConfig
-    from infra.docs import docs_table, shard_name
-    from infra.stage import StageSpec, run_stage
-    from infra.store import Store
-    from tasks.quality import load_model, normalize, positive_scores
+    from lmfoundry.infra.config import ComputeConfig, PipelineConfig, QualityClassifierConfig, SourceConfig
+    from lmfoundry.infra.docs import docs_table, shard_name
+    from lmfoundry.infra.stage import StageSpec, run_stage
+    from lmfoundry.infra.store import Store
+    from lmfoundry.tasks.filter.quality import load_model, normalize, positive_scores
 
     with tempfile.TemporaryDirectory(prefix="lmf-bench-classifier-") as tmp:
         reference = Path(tmp) / "reference.jsonl"
@@ -201,7 +201,7 @@ def classifier_bench(docs: list[dict]) -> dict:
         pages = store.commit(out, {"stats": {}})
         cfg = QualityClassifierConfig(enabled=True, positive=SourceConfig(name="python-docs", paths=[str(reference)]))
         root = PipelineConfig(quality=cfg, compute=ComputeConfig(workers=1, progress=False))
-        spec = StageSpec("train_quality_classifier", "tasks.quality:run_train_quality_classifier", section="quality")
+        spec = StageSpec("train_quality_classifier", "lmfoundry.tasks.filter.quality:run_train_quality_classifier", section="quality")
         started = time.perf_counter()
         trained = run_stage(store, spec, root, [pages])
         train_s = time.perf_counter() - started

@@ -20,7 +20,7 @@ import uuid
 
 import fsspec
 
-from infra.store import Store
+from lmfoundry.infra.store import Store
 
 
 def write_raw(url: str, shards: list[bytes], durable: bool) -> float:

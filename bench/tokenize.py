@@ -40,15 +40,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from infra.config import PipelineConfig
-from infra.docs import docs_table, shard_name
-from infra.stage import StageSpec, run_stage
-from infra.store import StageRef, Store
-from model.loader import TokenLoader
-from tasks.tokenizer import load_tokenizer
+from lmfoundry.infra.config import PipelineConfig
+from lmfoundry.infra.docs import docs_table, shard_name
+from lmfoundry.infra.stage import StageSpec, run_stage
+from lmfoundry.infra.store import StageRef, Store
+from lmfoundry.model.loader import TokenLoader
+from lmfoundry.tasks.tokens.train_tokenizer import load_tokenizer
 
-TOKENIZER = StageSpec("train_tokenizer", "tasks.tokenizer:run_train_tokenizer", section="tokenizer")
-TOKENIZE = StageSpec("tokenize", "tasks.tokenize:run_tokenize", section="tokenize")
+TOKENIZER = StageSpec("train_tokenizer", "lmfoundry.tasks.tokens.train_tokenizer:run_train_tokenizer", section="tokenizer")
+TOKENIZE = StageSpec("tokenize", "lmfoundry.tasks.tokens.tokenize:run_tokenize", section="tokenize")
 
 
 # ---------------------------------------------------------------- input text

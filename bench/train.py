@@ -4,7 +4,7 @@
 
 Both sides train the same model (same initial weights), on the same batches, with the same
 optimizer (AdamW, matrices decayed), schedule (warmup + cosine), clipping (1.0) and fp32, in
-this one process on CPU. Ours is ``model.train.engine_step`` on a DeepSpeed engine (ZeRO
+this one process on CPU. Ours is ``lmfoundry.model.train.engine_step`` on a DeepSpeed engine (ZeRO
 stage as given, gloo world of one rank) plus the per-step loss all-reduce the trainer does;
 the baseline is the textbook loop. Steps alternate in chunks so machine noise hits both
 alike. quality.loss_abs_diff shows they did the same work.
@@ -20,7 +20,7 @@ import torch
 
 
 def plain_step(model, optimizer, scheduler, batch: torch.Tensor, clip: float) -> float:
-    from model.losses import lm_loss, split_batch
+    from lmfoundry.model.losses import lm_loss, split_batch
 
     inputs, targets = split_batch(batch)
     logits, aux = model(inputs)
@@ -55,9 +55,9 @@ def main(argv: list[str]) -> int:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     import torch.distributed as dist
 
-    from infra.config import ModelConfig, PretrainConfig
-    from model.train import build_engine, engine_step, init_single_process, make_scheduler, param_groups
-    from model.transformer import Transformer, resolve
+    from lmfoundry.infra.config import ModelConfig, PretrainConfig
+    from lmfoundry.model.train import build_engine, engine_step, init_single_process, make_scheduler, param_groups
+    from lmfoundry.model.transformer import Transformer, resolve
 
     init_single_process("gloo")
     model_cfg = resolve(ModelConfig(d_model=args.d_model, n_layers=args.layers, n_heads=max(1, args.d_model // 64), n_kv_heads=max(1, args.d_model // 128)), args.vocab)

@@ -18,12 +18,12 @@ from prefect.context import get_run_context
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
-from flows.params import DEFAULT_PRESET, Override, Rerun, SnapshotLabel, load_run_config
-from flows.pipeline import STAGES
-from flows.stage_task import GPU_STAGES, MissingUpstream, current_ref, run_stages
-from infra.snapshots import write_snapshot
-from infra.stage import StageSpec
-from infra.store import Store
+from lmfoundry.flows.params import DEFAULT_PRESET, Override, Rerun, SnapshotLabel, load_run_config
+from lmfoundry.flows.pipeline import STAGES
+from lmfoundry.flows.stage_task import GPU_STAGES, MissingUpstream, current_ref, run_stages
+from lmfoundry.infra.snapshots import write_snapshot
+from lmfoundry.infra.stage import StageSpec
+from lmfoundry.infra.store import Store
 
 PRETRAIN_DEPLOYMENT = "pretrain/pretrain"
 DATA_CHANGED_EVENT = "lmf.data.changed"

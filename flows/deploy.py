@@ -9,7 +9,7 @@ this one process (each flow run in a subprocess): the single-machine way. ``depl
 registers them with the server at PREFECT_API_URL for workers of the `cpu` and `gpu` pools
 (``prefect worker start --pool cpu``), creating the pools when missing.
 
-Flows are referenced by module path (``flows.data_refresh.data_refresh``), so a worker needs
+Flows are referenced by module path (``lmfoundry.flows.data_refresh.data_refresh``), so a worker needs
 this package installed (``pip install -e .``), not a copy of the directory it was deployed from.
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from flows.params import REPO_ROOT, resolve_preset
-from infra.config import load_config
+from lmfoundry.flows.params import REPO_ROOT, resolve_preset
+from lmfoundry.infra.config import load_config
 
 log = logging.getLogger("lmfoundry.deploy")
 
@@ -59,11 +59,11 @@ def load_prefect_file(path: str | Path = PREFECT_FILE) -> dict[str, Any]:
 
 
 def flow_from_entrypoint(entrypoint: str):
-    """'flows/data_refresh.py:data_refresh' -> the flow object (imported as a module)."""
+    """'flows/data_refresh.py:data_refresh' -> the flow object (imported as lmfoundry.flows.data_refresh)."""
     if ":" not in entrypoint:
         raise DeploymentFileError(f"entrypoint '{entrypoint}' must look like flows/file.py:flow_function")
     path, name = entrypoint.split(":", 1)
-    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    module = importlib.import_module("lmfoundry." + path.removesuffix(".py").replace("/", "."))
     return getattr(module, name)
 
 

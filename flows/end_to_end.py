@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.params import Rerun, StageName
-from flows.pipeline import stages_until
-from flows.stage_task import run_stages
-from infra.config import PipelineConfig
-from infra.store import StageRef
+from lmfoundry.flows.params import Rerun, StageName
+from lmfoundry.flows.pipeline import stages_until
+from lmfoundry.flows.stage_task import run_stages
+from lmfoundry.infra.config import PipelineConfig
+from lmfoundry.infra.store import StageRef
 
 
 @flow(name="end-to-end", log_prints=True)

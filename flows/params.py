@@ -13,10 +13,9 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows.pipeline import STAGE_NAMES
-from infra.config import PipelineConfig, load_config
+from lmfoundry.flows.pipeline import STAGE_NAMES
+from lmfoundry.infra.config import REPO_ROOT, PipelineConfig, load_config
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PRESET = "configs/demo.yaml"
 
 # a dropdown of the pipeline's stages in the UI form

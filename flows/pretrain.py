@@ -12,10 +12,10 @@ from typing import Any
 
 from prefect import flow
 
-from flows.params import DEFAULT_PRESET, Override, Rerun, load_run_config
-from flows.pipeline import STAGES
-from flows.stage_task import run_stages
-from infra.stage import StageSpec
+from lmfoundry.flows.params import DEFAULT_PRESET, Override, Rerun, load_run_config
+from lmfoundry.flows.pipeline import STAGES
+from lmfoundry.flows.stage_task import run_stages
+from lmfoundry.infra.stage import StageSpec
 
 TRAINING_STAGES = ("pretrain",)
 

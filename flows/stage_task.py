@@ -27,12 +27,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from prefect.context import get_run_context
 
-from flows.params import Rerun
-from flows.pipeline import STAGES, stage, stages_until
-from infra import report
-from infra.config import ComputeConfig, PipelineConfig
-from infra.stage import PlanRow, StageOutcome, StageSpec, downstream, plan, run_stage
-from infra.store import StageRef, Store
+from lmfoundry.flows.params import Rerun
+from lmfoundry.flows.pipeline import STAGES, stage, stages_until
+from lmfoundry.infra import report
+from lmfoundry.infra.config import ComputeConfig, PipelineConfig
+from lmfoundry.infra.stage import PlanRow, StageOutcome, StageSpec, downstream, plan, run_stage
+from lmfoundry.infra.store import StageRef, Store
 
 # stages that train on accelerators; they wait for a GPU slot before running
 GPU_STAGES = frozenset({"pretrain", "sft", "train_reward_model", "reward_model", "ppo"})

@@ -1,4 +1,4 @@
-"""lmfoundry infrastructure: config tree, stage store, stage runner, CLI."""
+"""The ground floor: config tree, stage store, stage runner, document schema, parallel map."""
 import logging
 
 # Stage progress is logged at INFO on "lmfoundry.*"; Prefect forwards these loggers into run

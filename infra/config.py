@@ -109,9 +109,9 @@ class ExactDedupConfig(Section):
 
 
 class CrawlConfig(Section):
-    """Polite web crawler (tasks/crawl.py): seed URLs -> WARC files. No seeds: an empty crawl."""
+    """Polite web crawler (tasks/acquire/crawl.py): seed URLs -> WARC files. No seeds: an empty crawl."""
 
-    seeds: list[str] = Field(default_factory=list, description="start URLs; '{demo_site}' serves and crawls tasks/demo_site.py's local site")
+    seeds: list[str] = Field(default_factory=list, description="start URLs; '{demo_site}' serves and crawls tasks/acquire/demo_site.py's local site")
     url_lists: list[str] = Field(default_factory=list, description="fsspec paths of text files with one start URL per line")
     snapshot: str = Field("", description="label of this crawl; a recurring refresh sets a new one (e.g. the date) to get a new version")
     refresh_from: str | None = Field(None, description="a committed crawl version, or 'latest': send conditional requests with its ETag/Last-Modified")
@@ -141,7 +141,7 @@ class CrawlConfig(Section):
 
 
 class IngestWarcConfig(Section):
-    """WARC / WET ingest (tasks/ingest_warc.py): the crawl's WARC files and these paths -> record shards."""
+    """WARC / WET ingest (tasks/acquire/ingest_warc.py): the crawl's WARC files and these paths -> record shards."""
 
     paths: list[str] = Field(default_factory=list, description="WARC/WET files or globs on any fsspec URL (.warc, .warc.gz, .warc.wet.gz)")
     source: str = Field("warc", description="`source` label of records from `paths` (crawled records are labelled 'crawl')")
@@ -152,7 +152,7 @@ class IngestWarcConfig(Section):
 
 
 class ExtractConfig(Section):
-    """HTML to main-content text and language ID (tasks/extract.py): record shards -> documents."""
+    """HTML to main-content text and language ID (tasks/acquire/extract.py): record shards -> documents."""
 
     extractor: Literal["resiliparse", "trafilatura"] = Field("resiliparse", description="resiliparse: 10-40x faster than trafilatura, token F1 ~0.98 against its text (lmf bench extract)")
     main_content: bool = Field(True, description="drop navigation, menus, footers and other boilerplate")
@@ -166,7 +166,7 @@ class ExtractConfig(Section):
 
 
 class NearDedupConfig(Section):
-    """Issue 4: MinHash LSH near-duplicate removal (see tasks/near_dedup.py)."""
+    """Issue 4: MinHash LSH near-duplicate removal (see tasks/dedup/near_dedup.py)."""
 
     enabled: bool = True
     threshold: float = Field(0.8, gt=0, le=1, description="remove a document whose shingle Jaccard similarity with its cluster's keeper is at least this")
@@ -196,7 +196,7 @@ class NearDedupConfig(Section):
 
 
 class HeuristicFilterConfig(Section):
-    """Gopher / C4 / FineWeb rules (tasks/rules.py). A null threshold switches that check off."""
+    """Gopher / C4 / FineWeb rules (tasks/filter/rules.py). A null threshold switches that check off."""
 
     class GopherRepetition(Section):
         enabled: bool = True
@@ -255,7 +255,7 @@ class HeuristicFilterConfig(Section):
 
 
 class QualityClassifierConfig(Section):
-    """fastText quality classifier (tasks/quality.py): `train_quality_classifier` learns to tell
+    """fastText quality classifier (tasks/filter/quality.py): `train_quality_classifier` learns to tell
     reference documents (`positive`) from documents of the pipeline; `quality_filter` keeps
     the documents it scores high. Off unless enabled with a `positive` source or a `model_path`."""
 
@@ -288,7 +288,7 @@ class QualityClassifierConfig(Section):
 
 
 class PiiConfig(Section):
-    """Issue 6: PII scrubbing (detectors in tasks/pii.py, stage in tasks/pii_scrub.py).
+    """Issue 6: PII scrubbing (detectors in tasks/pii/detectors.py, stage in tasks/pii/scrub.py).
 
     The pseudonym key is read from the environment variable named by `key_env`; it is never
     a config field, so it cannot reach manifests, logs or Prefect parameters.
@@ -417,7 +417,7 @@ class ModelConfig(Section):
 
 
 class PretrainConfig(Section):
-    """Issue 8: DeepSpeed pretraining (model/train.py, dispatched by tasks/pretrain.py).
+    """Issue 8: DeepSpeed pretraining (model/train.py, dispatched by tasks/train/pretrain.py).
 
     Optimisation fields are identity; `distributed` (ranks, launcher, ZeRO stage, device) only
     changes how the same global batch is computed, so it is an execution knob.
@@ -561,4 +561,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Pi
     return build_config(data, overrides, origin=str(path))
 
 
-DEFAULT_PRESET = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+# the repository checkout: presets and relative paths in them resolve against it
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PRESET = REPO_ROOT / "configs" / "demo.yaml"

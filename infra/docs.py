@@ -11,7 +11,7 @@ from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 
-from infra.store import StageRef, Store
+from lmfoundry.infra.store import StageRef, Store
 
 DOC_SCHEMA = pa.schema(
     [

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import fsspec
 
-from infra.config import expand_path
+from lmfoundry.infra.config import expand_path
 
 
 class InputError(ValueError):

@@ -22,7 +22,7 @@ import threading
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, TypeVar
 
-from infra.config import ComputeConfig
+from lmfoundry.infra.config import ComputeConfig
 
 T = TypeVar("T")
 R = TypeVar("R")

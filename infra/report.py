@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from infra.store import StageRef, Store
+from lmfoundry.infra.store import StageRef, Store
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -142,7 +142,7 @@ def training_metrics(store: Store, ref: StageRef) -> list[dict[str, float]]:
 def pipeline_versions(store: Store, pipeline: str, stage_order: list[str], snapshot: str | None = None) -> dict[str, str]:
     """stage -> version: from a snapshot, else the pipeline's current refs (known stages first)."""
     if snapshot is not None:
-        from infra.snapshots import list_snapshots, read_snapshot
+        from lmfoundry.infra.snapshots import list_snapshots, read_snapshot
 
         body = read_snapshot(store, pipeline, snapshot)
         if body is None:

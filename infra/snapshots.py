@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import posixpath
 
-from infra.store import StageRef, Store, utc_now
+from lmfoundry.infra.store import StageRef, Store, utc_now
 
 
 def snapshot_path(store: Store, pipeline: str, label: str) -> str:

@@ -1,6 +1,6 @@
 """Running one stage through the store: version, skip-if-committed, lease, run, commit.
 
-A stage is a pure function ``run_x(cfg, inputs, out) -> stats`` living in ``tasks/x.py``
+A stage is a pure function ``run_x(cfg, inputs, out) -> stats`` living in ``tasks/<phase>/x.py``
 beside a ``CODE_VERSION`` string (bump it when the stage's output changes for the same
 config). Optionally the module defines ``input_fingerprint(cfg) -> str`` for inputs that
 are not stages (files on disk, URLs). Nothing here imports Prefect: the same call runs
@@ -15,8 +15,8 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel
 
-from infra.config import PipelineConfig, Section
-from infra.store import StageRef, Store, stage_version
+from lmfoundry.infra.config import PipelineConfig, Section
+from lmfoundry.infra.store import StageRef, Store, stage_version
 
 log = logging.getLogger("lmfoundry.stage")
 
@@ -26,7 +26,7 @@ class StageSpec:
     """One row of a pipeline's table of contents."""
 
     name: str
-    run: str  # "tasks.exact_dedup:run_exact_dedup"
+    run: str  # "lmfoundry.tasks.dedup.exact_dedup:run_exact_dedup"
     section: str | Callable[[PipelineConfig], Section]  # which part of the config the stage receives
     inputs: tuple[str, ...] = ()
 

@@ -41,8 +41,8 @@ from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 
-from infra import faults
-from infra.config import ComputeConfig
+from lmfoundry.infra import faults
+from lmfoundry.infra.config import ComputeConfig
 
 log = logging.getLogger("lmfoundry.store")
 

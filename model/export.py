@@ -1,6 +1,6 @@
 """Export a dense model to Hugging Face ``LlamaForCausalLM`` format.
 
-    python -m model.export MODEL_DIR OUT_DIR [--tokenizer tokenizer.json] [--special special_tokens.json]
+    python -m lmfoundry.model.export MODEL_DIR OUT_DIR [--tokenizer tokenizer.json] [--special special_tokens.json]
 
 MODEL_DIR is our format (model.safetensors + model_config.json, e.g. a pretrain stage's
 ``model/``). OUT_DIR then loads with ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` and
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from infra.config import ModelConfig
-from model.transformer import CONFIG, WEIGHTS
+from lmfoundry.infra.config import ModelConfig
+from lmfoundry.model.transformer import CONFIG, WEIGHTS
 
 
 class ExportError(ValueError):
@@ -76,7 +76,7 @@ def export_llama(
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     cfg = ModelConfig.model_validate_json((model_dir / CONFIG).read_text())
     if cfg.moe_experts:
-        raise ExportError(f"{model_dir} holds a mixture-of-experts model: LlamaForCausalLM is dense; load it with model.transformer.load_model")
+        raise ExportError(f"{model_dir} holds a mixture-of-experts model: LlamaForCausalLM is dense; load it with lmfoundry.model.transformer.load_model")
     special_ids = dict(special_ids or {})
     out_dir.mkdir(parents=True, exist_ok=True)
     state = load_file(str(model_dir / WEIGHTS))

@@ -43,8 +43,8 @@ import pyarrow as pa
 import torch
 from numpy.lib.stride_tricks import as_strided
 
-from infra.store import StageRef, Store
-from tasks.tokenize import INDEX_FILE, TOKENS_COLUMN
+from lmfoundry.infra.store import StageRef, Store
+from lmfoundry.model.token_format import INDEX_FILE, TOKENS_COLUMN
 
 
 class LoaderError(ValueError):

@@ -1,6 +1,6 @@
 """Pretraining entry point: one DeepSpeed rank per process.
 
-Normally started by the `pretrain` stage (tasks/pretrain.py), which writes the job file and
+Normally started by the `pretrain` stage (tasks/train/pretrain.py), which writes the job file and
 uploads what this script leaves in the work directory. By hand, with a job file::
 
     deepspeed --num_gpus 2 --master_port 29512 model/train.py --job job.json         # 2 local ranks
@@ -39,11 +39,11 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
-from infra import faults
-from infra.config import ModelConfig, PretrainConfig
-from infra.store import StageRef, Store
-from model.losses import IGNORE_INDEX, lm_loss, split_batch
-from model.transformer import Transformer, resolve, save_model
+from lmfoundry.infra import faults
+from lmfoundry.infra.config import ModelConfig, PretrainConfig
+from lmfoundry.infra.store import StageRef, Store
+from lmfoundry.model.losses import IGNORE_INDEX, lm_loss, split_batch
+from lmfoundry.model.transformer import Transformer, resolve, save_model
 
 COMPLETE = "COMPLETE.json"
 DONE = "DONE.json"
@@ -249,7 +249,7 @@ class Trainer:
         if self.rank == 0:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
 
-        from model.loader import TokenLoader
+        from lmfoundry.model.loader import TokenLoader
 
         store = Store(job.store_url, job.storage_options)
         self.micro, self.accumulation = batch_split(self.cfg.global_batch_size, self.world, self.cfg.distributed.micro_batch_size)

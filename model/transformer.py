@@ -1,7 +1,7 @@
 """A decoder-only Transformer in the modern form, in one readable file.
 
-    from infra.config import ModelConfig
-    from model.transformer import Transformer
+    from lmfoundry.infra.config import ModelConfig
+    from lmfoundry.model.transformer import Transformer
     model = Transformer(resolve(ModelConfig(d_model=256, n_layers=4), vocab_size=4096))
     logits, aux = model(tokens)          # tokens [B, T] -> logits [B, T, V]; aux: MoE balance loss
 
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from infra.config import ModelConfig
-from model.moe import MoE
+from lmfoundry.infra.config import ModelConfig
+from lmfoundry.model.moe import MoE
 
 
 def resolve(cfg: ModelConfig, vocab_size: int | None = None) -> ModelConfig:

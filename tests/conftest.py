@@ -17,7 +17,7 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 import pytest  # noqa: E402
 
-from infra.store import Store  # noqa: E402
+from lmfoundry.infra.store import Store  # noqa: E402
 
 
 def free_port() -> int:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from infra.docs import docs_table, shard_name
-from infra.store import StageRef, Store
+from lmfoundry.infra.docs import docs_table, shard_name
+from lmfoundry.infra.store import StageRef, Store
 
 
 def commit_docs(store: Store, shards: list[list[dict[str, Any]]], stage: str = "fixture_docs", version: str | None = None) -> StageRef:

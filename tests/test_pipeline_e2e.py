@@ -13,11 +13,11 @@ import pytest
 from faker import Faker
 from tokenizers import Tokenizer
 
-from flows.pipeline import STAGE_NAMES
-from infra.config import PipelineConfig
-from infra.docs import iter_docs
-from infra.store import Store
-from tasks.pii import find_pii
+from lmfoundry.flows.pipeline import STAGE_NAMES
+from lmfoundry.infra.config import PipelineConfig
+from lmfoundry.infra.docs import iter_docs
+from lmfoundry.infra.store import Store
+from lmfoundry.tasks.pii.detectors import find_pii
 
 
 def corpus(folder, n_docs: int = 60) -> list[str]:
@@ -80,7 +80,7 @@ def decoded_documents(store: Store, refs: dict) -> list[str]:
 
 
 def test_data_refresh_end_to_end_leaves_no_pii_in_training_tokens(config, prefect_harness):
-    from flows.end_to_end import end_to_end
+    from lmfoundry.flows.end_to_end import end_to_end
 
     refs = end_to_end(config=config, until="tokenize")
     assert set(STAGE_NAMES[: STAGE_NAMES.index("tokenize") + 1]) <= set(refs)

@@ -6,7 +6,7 @@ from typing import Any
 
 import yaml
 
-from infra.config import PipelineConfig, build_config
+from lmfoundry.infra.config import PipelineConfig, build_config
 
 import random
 
@@ -62,12 +62,12 @@ def write_preset(path: Path, corpus: Path, store: Path, **compute: Any) -> Path:
 
 def expected_actions(cfg: PipelineConfig, action: str) -> list[str]:
     """The run-summary actions of the data refresh when every enabled stage does `action`."""
-    from flows.data_refresh import data_stages
+    from lmfoundry.flows.data_refresh import data_stages
 
     return [action if spec.enabled(cfg) else "disabled" for spec in data_stages()]
 
 
 def enabled_data_stages(cfg: PipelineConfig) -> list[str]:
-    from flows.data_refresh import data_stages
+    from lmfoundry.flows.data_refresh import data_stages
 
     return [spec.name for spec in data_stages() if spec.enabled(cfg)]

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from flows.pipeline import stage
-from infra.parallel import close_dask_clients
-from infra.stage import run_stage
-from infra.store import Store
+from lmfoundry.flows.pipeline import stage
+from lmfoundry.infra.parallel import close_dask_clients
+from lmfoundry.infra.stage import run_stage
+from lmfoundry.infra.store import Store
 from tests.flows.corpus import make_config, make_corpus
 
 

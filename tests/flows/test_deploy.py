@@ -6,8 +6,8 @@ import subprocess
 
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
-from flows.pipeline import STAGE_NAMES
-from infra.store import Store
+from lmfoundry.flows.pipeline import STAGE_NAMES
+from lmfoundry.infra.store import Store
 from tests.flows.corpus import make_corpus, write_preset
 from tests.flows.server import REPO, VENV_BIN, wait_for
 
@@ -68,7 +68,7 @@ def test_deployment_file_errors_name_the_fix(tmp_path):
 
     import pytest
 
-    from flows.deploy import DeploymentFileError, parse_schedule_option, runner_deployments
+    from lmfoundry.flows.deploy import DeploymentFileError, parse_schedule_option, runner_deployments
 
     assert parse_schedule_option("data-refresh=0 */6 * * *") == ("data-refresh", {"cron": "0 */6 * * *"})
     assert parse_schedule_option("data-refresh=30") == ("data-refresh", {"interval": 30.0})

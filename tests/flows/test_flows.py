@@ -6,15 +6,15 @@ import time
 
 import pytest
 
-from flows.data_refresh import data_refresh, data_stages
-from flows.end_to_end import end_to_end
-from flows.params import Rerun
-from flows.pretrain import pretrain
-from flows.stage_task import MissingUpstream
-from infra.faults import InjectedFault
-from infra.snapshots import read_snapshot
-from infra.store import Store
-from infra.config import load_config
+from lmfoundry.flows.data_refresh import data_refresh, data_stages
+from lmfoundry.flows.end_to_end import end_to_end
+from lmfoundry.flows.params import Rerun
+from lmfoundry.flows.pretrain import pretrain
+from lmfoundry.flows.stage_task import MissingUpstream
+from lmfoundry.infra.faults import InjectedFault
+from lmfoundry.infra.snapshots import read_snapshot
+from lmfoundry.infra.store import Store
+from lmfoundry.infra.config import load_config
 from tests.flows.corpus import enabled_data_stages, expected_actions, make_config, make_corpus, write_preset
 
 DATA_STAGES = [spec.name for spec in data_stages()]
@@ -88,7 +88,7 @@ def test_rerun_from_stage_without_committed_upstream_names_what_to_run(prefect_h
 
 
 def test_bad_override_fails_before_anything_runs(prefect_harness, preset, tmp_path):
-    from infra.config import ConfigError
+    from lmfoundry.infra.config import ConfigError
 
     with pytest.raises(ConfigError, match="exact_dedup.normalize"):
         data_refresh(preset=str(preset), overrides=["exact_dedup.normalize=sideways"])
@@ -145,8 +145,8 @@ def _hold_slots(limit_name: str | None, hold_s: float = 1.5) -> list[tuple[float
     """Two stand-in training tasks at once, each holding the GPU slot guard; their (start, end)."""
     from prefect import flow, task
 
-    from flows.stage_task import gpu_slot
-    from infra.config import ComputeConfig
+    from lmfoundry.flows.stage_task import gpu_slot
+    from lmfoundry.infra.config import ComputeConfig
 
     compute = ComputeConfig(gpu_concurrency_limit=limit_name)
 
@@ -180,8 +180,8 @@ def test_a_second_training_waits_for_the_gpu_slot(prefect_harness):
 def test_a_training_stage_publishes_its_loss_curve(prefect_harness, tmp_path):
     from prefect import flow
 
-    from flows.stage_task import publish_artifacts
-    from infra.stage import StageOutcome
+    from lmfoundry.flows.stage_task import publish_artifacts
+    from lmfoundry.infra.stage import StageOutcome
 
     store = Store(str(tmp_path / "store"))
     out = store.open_for_write("pretrain", "v1")

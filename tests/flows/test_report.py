@@ -4,12 +4,12 @@ from __future__ import annotations
 import json
 import re
 
-from flows.pipeline import STAGE_NAMES, stage
-from infra.cli import main
-from infra.report import build_report
-from infra.snapshots import write_snapshot
-from infra.stage import run_stage
-from infra.store import StageRef, Store
+from lmfoundry.flows.pipeline import STAGE_NAMES, stage
+from lmfoundry.cli import main
+from lmfoundry.infra.report import build_report
+from lmfoundry.infra.snapshots import write_snapshot
+from lmfoundry.infra.stage import run_stage
+from lmfoundry.infra.store import StageRef, Store
 from tests.flows.corpus import make_config, make_corpus, write_preset
 
 

@@ -6,9 +6,9 @@ import json
 
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, DeploymentFilter, DeploymentFilterName, FlowRunFilter, FlowRunFilterDeploymentId
 
-from flows.data_refresh import data_stages
-from infra.store import Store
-from infra.config import load_config
+from lmfoundry.flows.data_refresh import data_stages
+from lmfoundry.infra.store import Store
+from lmfoundry.infra.config import load_config
 from tests.flows.corpus import enabled_data_stages, expected_actions, make_corpus, write_preset
 from tests.flows.server import start_serve, stop_process, wait_for
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.config import ConfigError, PipelineConfig, build_config, load_config
+from lmfoundry.infra.config import ConfigError, PipelineConfig, build_config, load_config
 
 
 def test_demo_preset_loads_and_overrides_apply():

@@ -9,10 +9,10 @@ import time
 import pyarrow as pa
 import pytest
 
-from infra.config import PipelineConfig
-from infra.faults import InjectedFault
-from infra.stage import StageSpec, run_stage
-from infra.store import StageDir, StageRef, StoreError, stage_version
+from lmfoundry.infra.config import PipelineConfig
+from lmfoundry.infra.faults import InjectedFault
+from lmfoundry.infra.stage import StageSpec, run_stage
+from lmfoundry.infra.store import StageDir, StageRef, StoreError, stage_version
 
 COUNT = {"calls": 0}
 

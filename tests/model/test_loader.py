@@ -5,10 +5,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from infra.config import PipelineConfig
-from infra.stage import StageSpec, run_stage
-from model.loader import LoaderError, TokenLoader
-from tasks.tokenize import samples_to_arrow
+from lmfoundry.infra.config import PipelineConfig
+from lmfoundry.infra.stage import StageSpec, run_stage
+from lmfoundry.model.loader import LoaderError, TokenLoader
+from lmfoundry.tasks.tokens.tokenize import samples_to_arrow
 from tests.helpers import commit_docs
 
 SEQ_LEN = 7
@@ -159,8 +159,8 @@ def test_real_stages_on_an_s3_store_cache_shards_locally(s3_store, tmp_path, mon
     texts = [f"Document {i}: naïve café 数据 🚀 " * (1 + i % 5) for i in range(60)]
     docs_ref = commit_docs(s3_store, [[{"id": f"d{i}", "text": t} for i, t in enumerate(texts)]])
     cfg = PipelineConfig.model_validate({"tokenizer": {"vocab_size": 300}, "tokenize": {"seq_len": 16, "val_fraction": 0.1}})
-    tok = run_stage(s3_store, StageSpec("train_tokenizer", "tasks.tokenizer:run_train_tokenizer", section="tokenizer"), cfg, [docs_ref])
-    ref = run_stage(s3_store, StageSpec("tokenize", "tasks.tokenize:run_tokenize", section="tokenize"), cfg, [docs_ref, tok.ref]).ref
+    tok = run_stage(s3_store, StageSpec("train_tokenizer", "lmfoundry.tasks.tokens.train_tokenizer:run_train_tokenizer", section="tokenizer"), cfg, [docs_ref])
+    ref = run_stage(s3_store, StageSpec("tokenize", "lmfoundry.tasks.tokens.tokenize:run_tokenize", section="tokenize"), cfg, [docs_ref, tok.ref]).ref
     loader = TokenLoader.from_stage(s3_store, ref, batch_size=3, shuffle=False)
     assert (tmp_path / "cache" / "tokenize" / ref.version / "train" / "part-00000.arrow").exists()
     stored = pa.ipc.open_file(pa.BufferReader(s3_store.reader(ref).read_bytes("train/part-00000.arrow"))).read_all()

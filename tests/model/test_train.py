@@ -17,10 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from infra.config import ModelConfig, PretrainConfig
-from infra.store import Store
-from model.train import TrainJob, batch_split, deepspeed_config, lr_at
-from tasks.pretrain import free_port, launch_command, launch_env
+from lmfoundry.infra.config import ModelConfig, PretrainConfig
+from lmfoundry.infra.store import Store
+from lmfoundry.model.train import TrainJob, batch_split, deepspeed_config, lr_at
+from lmfoundry.tasks.train.pretrain import free_port, launch_command, launch_env
 from tests.model.token_fixtures import commit_tokens, markov_tokens, read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -131,11 +131,11 @@ def test_batch_split_and_deepspeed_config():
 def test_launch_commands():
     job = "/w/job.json"
     ds = launch_command(PretrainConfig.Distributed(procs=2), job, 29500)
-    assert ds[1:] == ["-u", "-m", "deepspeed.launcher.runner", "--master_port", "29500", "--num_gpus", "2", "--module", "model.train", "--job", job]
+    assert ds[1:] == ["-u", "-m", "deepspeed.launcher.runner", "--master_port", "29500", "--num_gpus", "2", "--module", "lmfoundry.model.train", "--job", job]
     multi = launch_command(PretrainConfig.Distributed(procs=8, hostfile="/etc/hosts.ds", accelerator="cuda", backend="nccl"), job, 29500)
     assert multi[multi.index("--hostfile") + 1] == "/etc/hosts.ds"
     torchrun = launch_command(PretrainConfig.Distributed(launcher="torchrun", procs=2), job, 0)
-    assert torchrun[1:] == ["-u", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "model.train", "--job", job]
+    assert torchrun[1:] == ["-u", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lmfoundry.model.train", "--job", job]
     env = launch_env(PretrainConfig.Distributed(procs=2, cpu_threads=3))
     assert env["OMP_NUM_THREADS"] == "3" and env["DS_ACCELERATOR"] == "cpu"
     assert launch_env(PretrainConfig.Distributed(procs=2, cpu_threads=0))["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infra.config import ModelConfig
-from model.losses import IGNORE_INDEX, lm_loss, split_batch
-from model.moe import MoE
-from model.transformer import Transformer, load_model, resolve, save_model
+from lmfoundry.infra.config import ModelConfig
+from lmfoundry.model.losses import IGNORE_INDEX, lm_loss, split_batch
+from lmfoundry.model.moe import MoE
+from lmfoundry.model.transformer import Transformer, load_model, resolve, save_model
 
 VOCAB = 97
 
@@ -132,7 +132,7 @@ def test_moe_routes_to_every_expert_and_counts_active_parameters():
 
 
 def test_moe_balance_loss_decreases_in_training():
-    from model.transformer import SwiGLU
+    from lmfoundry.model.transformer import SwiGLU
 
     torch.manual_seed(0)
     moe = MoE(16, 16, n_experts=4, top_k=1, n_shared=1, expert=SwiGLU)
@@ -168,7 +168,7 @@ def test_save_and_load_round_trip(tmp_path):
 def test_hf_llama_export_gives_the_same_logits(tmp_path, tie):
     from transformers import AutoModelForCausalLM
 
-    from model.export import export_llama
+    from lmfoundry.model.export import export_llama
 
     model = tiny(tie_embeddings=tie, n_layers=3)
     with torch.no_grad():
@@ -185,7 +185,7 @@ def test_hf_llama_export_gives_the_same_logits(tmp_path, tie):
 
 
 def test_moe_model_is_not_exported_as_llama(tmp_path):
-    from model.export import ExportError, export_llama
+    from lmfoundry.model.export import ExportError, export_llama
 
     model = tiny(moe_experts=4)
     save_model(model.state_dict(), model.cfg, tmp_path / "ours")

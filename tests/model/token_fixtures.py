@@ -1,6 +1,6 @@
 """Small committed `tokenize` / `train_tokenizer` stages for model and pretrain tests.
 
-The token stage follows the contract of COMMON.md "Token shards" (what tasks/tokenize.py
+The token stage follows the contract of COMMON.md "Token shards" (what tasks/tokens/tokenize.py
 writes): Arrow IPC files with one fixed_size_list column ``tokens`` and an index.json.
 The data is a sparse Markov chain, so a model can beat the unigram baseline quickly.
 """
@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from infra.store import StageRef, Store
+from lmfoundry.infra.store import StageRef, Store
 
 EOS, PAD, BOS = 0, 1, 2
 

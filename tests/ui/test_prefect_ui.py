@@ -8,8 +8,8 @@ from __future__ import annotations
 from playwright.sync_api import expect
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 
-from infra.snapshots import read_snapshot
-from infra.store import Store
+from lmfoundry.infra.snapshots import read_snapshot
+from lmfoundry.infra.store import Store
 from tests.flows.corpus import make_corpus, write_preset
 from tests.flows.server import start_serve, stop_process, wait_for
 

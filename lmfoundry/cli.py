@@ -1,0 +1,259 @@
+"""The `lmf` command line.
+
+    lmf run [--config F] [--until STAGE] [--force STAGE] [--set a.b=v] [--plan]
+    lmf status [--config F] [--set a.b=v]
+    lmf show STAGE [--version V]
+    lmf bench NAME [ARGS...]
+    lmf serve [--config F] [--only NAME] [--schedule NAME=CRON|SECONDS]   (deployments/README.md)
+    lmf deploy [--config F] [--gpu-pool-type process|kubernetes] [--gpu-slots N]
+    lmf report [--config F] [--snapshot LABEL] [--out report.html]
+
+Exit codes: 0 ok, 1 a stage failed, 2 invalid config or input named in the message.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+
+def _prefect_env() -> None:
+    # before prefect is imported: forward our loggers into Prefect run logs, no telemetry
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lmfoundry")
+    # the temporary server needs longer than Prefect's default on a busy 2-core machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _config(args):
+    from lmfoundry.infra.config import load_config
+
+    return load_config(args.config, args.set)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML preset (default: configs/demo.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. near_dedup.threshold=0.85")
+
+
+def cmd_run(args) -> int:
+    cfg = _config(args)
+    from lmfoundry.flows.pipeline import STAGE_NAMES, stage
+
+    for name in ([args.until] if args.until else []) + args.force:
+        stage(name)  # unknown names fail before anything starts
+    if args.plan:
+        return cmd_status(args, cfg)
+    from lmfoundry.flows.end_to_end import end_to_end
+
+    refs = end_to_end(config=cfg, until=args.until, force=args.force)
+    for name in STAGE_NAMES:
+        if refs.get(name) is not None:
+            print(f"{name:<18} {refs[name].version}")
+    return 0
+
+
+def cmd_status(args, cfg=None) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from lmfoundry.flows.pipeline import STAGES
+    from lmfoundry.infra.stage import plan
+    from lmfoundry.infra.store import Store
+
+    cfg = cfg or _config(args)
+    store = Store.from_config(cfg.store)
+    table = Table(title=f"pipeline '{cfg.store.pipeline}' in {cfg.store.url}")
+    for column in ("stage", "version", "committed", "state", "rows", "bytes", "created", "run id"):
+        table.add_column(column)
+    for row in plan(store, STAGES, cfg, set(getattr(args, "force", []) or [])):
+        shown = row.current or row.version
+        manifest = store.manifest(row.stage, shown) if shown else None
+        table.add_row(
+            row.stage,
+            shown or "-",
+            "yes" if manifest else "no",
+            state_of(row),
+            str(manifest["rows"]) if manifest else "-",
+            _human(manifest["bytes"]) if manifest else "-",
+            manifest["created_at"] if manifest else "-",
+            (manifest.get("run_id") or "-")[:8] if manifest else "-",
+        )
+    Console(width=160).print(table)
+    return 0
+
+
+def state_of(row) -> str:
+    """fresh: the committed version is what this config would produce; stale: it would change."""
+    if row.action == "disabled":
+        return "disabled (passes its input through)"
+    if row.action == "skip":
+        return "fresh" if row.current == row.version else "fresh (committed; the ref points at another run)"
+    return f"stale: {row.reason}" if row.current else row.reason
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def cmd_show(args) -> int:
+    from lmfoundry.infra.store import Store
+
+    cfg = _config(args)
+    store = Store.from_config(cfg.store)
+    version = args.version or store.get_ref(cfg.store.pipeline, args.stage)
+    manifest = store.manifest(args.stage, version) if version else None
+    if manifest is None:
+        print(f"stage '{args.stage}' has no committed version{' ' + version if version else ''} in {cfg.store.url}; run `lmf run` first", file=sys.stderr)
+        return 2
+    print(json.dumps(manifest, indent=2))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    try:
+        module = importlib.import_module(f"bench.{args.name}")
+    except ModuleNotFoundError:
+        import pkgutil
+
+        from lmfoundry import bench
+
+        names = sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_"))
+        print(f"unknown benchmark '{args.name}'; available: {', '.join(names)}", file=sys.stderr)
+        return 2
+    return module.main(args.args) or 0
+
+
+def cmd_eval(args) -> int:
+    """`lmf eval NAME ...` runs tasks/<NAME>_eval.py's main(argv), e.g. `lmf eval pii labelled.jsonl`."""
+    try:
+        module = importlib.import_module(f"tasks.{args.name}_eval")
+    except ModuleNotFoundError:
+        print(f"unknown evaluation '{args.name}'", file=sys.stderr)
+        return 2
+    return module.main(args.args) or 0
+
+
+def _deploy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefect-file", default=None, help="deployment file (default: deployments/prefect.yaml)")
+    p.add_argument("--config", help="YAML preset the deployments' forms default to (default: the file's own)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="default override for the forms, e.g. near_dedup.threshold=0.85")
+    p.add_argument("--only", action="append", default=[], metavar="NAME", help="only this deployment (repeatable)")
+    p.add_argument("--schedule", action="append", default=[], metavar="NAME=CRON|SECONDS", help="replace a deployment's schedule timing, e.g. data-refresh='0 */6 * * *'")
+    p.add_argument("--no-schedules", action="store_true", help="register without schedules (trigger from the UI only)")
+
+
+def cmd_serve(args) -> int:
+    """Serve the deployments of deployments/prefect.yaml from this process (single machine)."""
+    from lmfoundry.flows import deploy
+
+    return _deployments(args, "serve", deploy.serve, limit=args.limit)
+
+
+def cmd_deploy(args) -> int:
+    """Register the deployments with the Prefect server at PREFECT_API_URL (work pools, GPU limit)."""
+    from lmfoundry.flows import deploy
+
+    return _deployments(args, "deploy", deploy.deploy, gpu_pool_type=args.gpu_pool_type, gpu_slots=args.gpu_slots)
+
+
+def _deployments(args, verb: str, action, **extra) -> int:
+    """`lmf serve` and `lmf deploy` share their arguments and their error handling."""
+    from lmfoundry.flows import deploy
+
+    try:
+        action(
+            args.prefect_file or deploy.PREFECT_FILE,
+            preset=args.config,
+            overrides=args.set,
+            only=args.only,
+            schedules=args.schedule,
+            with_schedules=not args.no_schedules,
+            **extra,
+        )
+    except deploy.DeploymentFileError as exc:
+        print(f"lmf {verb}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_report(args) -> int:
+    """Write a self-contained HTML report of the pipeline's current refs (or a snapshot)."""
+    from pathlib import Path
+
+    from lmfoundry.flows.pipeline import STAGE_NAMES
+    from lmfoundry.infra.report import build_report
+    from lmfoundry.infra.store import Store
+
+    cfg = _config(args)
+    try:
+        text = build_report(Store.from_config(cfg.store), cfg.store.pipeline, STAGE_NAMES, args.snapshot)
+    except ValueError as exc:
+        print(f"lmf report: {exc}", file=sys.stderr)
+        return 2
+    Path(args.out).write_text(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    _prefect_env()
+    parser = argparse.ArgumentParser(prog="lmf", description="lmfoundry: raw web text to an aligned language model")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run the pipeline (committed stages are skipped)")
+    _add_config_args(p)
+    p.add_argument("--until", help="stop after this stage")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE", help="re-run this stage and everything downstream")
+    p.add_argument("--plan", action="store_true", help="print what would run, run nothing")
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("status", help="table of stages: version, committed, fresh or stale")
+    _add_config_args(p)
+    p.set_defaults(fn=cmd_status)
+    p = sub.add_parser("show", help="print a stage's manifest")
+    _add_config_args(p)
+    p.add_argument("stage")
+    p.add_argument("--version", help="a specific version (default: the pipeline's current ref)")
+    p.set_defaults(fn=cmd_show)
+    p = sub.add_parser("bench", help="run a benchmark from bench/")
+    p.add_argument("name")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_bench)
+    p = sub.add_parser("eval", help="run an evaluation harness, e.g. `lmf eval pii FILE`")
+    p.add_argument("name")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("serve", help="serve the Prefect deployments from this process (UI runs, schedules)")
+    _deploy_args(p)
+    p.add_argument("--limit", type=int, default=None, help="most flow runs at once (default: no limit)")
+    p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("deploy", help="register the deployments with a Prefect server for workers")
+    _deploy_args(p)
+    p.add_argument("--gpu-pool-type", choices=["process", "kubernetes"], default="process", help="type of the `gpu` work pool when it is created")
+    p.add_argument("--gpu-slots", type=int, default=None, help="size of the gpu-slots concurrency limit (default: prefect.yaml's)")
+    p.set_defaults(fn=cmd_deploy)
+    p = sub.add_parser("report", help="write a self-contained HTML report of the pipeline")
+    _add_config_args(p)
+    p.add_argument("--snapshot", help="report this data-refresh snapshot instead of the current refs")
+    p.add_argument("--out", default="lmf-report.html", help="output file (default: lmf-report.html)")
+    p.set_defaults(fn=cmd_report)
+    args = parser.parse_args(argv)
+
+    from lmfoundry.infra.config import ConfigError
+    from lmfoundry.infra.files import InputError
+
+    try:
+        return args.fn(args)
+    except (ConfigError, InputError) as exc:
+        print(f"lmf: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
