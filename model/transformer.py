@@ -4,12 +4,19 @@
     from lmfoundry.model.transformer import Transformer
     model = Transformer(resolve(ModelConfig(d_model=256, n_layers=4), vocab_size=4096))
     logits, aux = model(tokens)          # tokens [B, T] -> logits [B, T, V]; aux: MoE balance loss
+    logits, aux = model(tokens, positions, segments)  # packed rows: several conversations per row
+    logits, aux, hidden = model(tokens, return_hidden=True)  # hidden [B, T, D]: final normed states
 
 Pre-norm blocks: RMSNorm -> grouped-query attention with rotary embeddings (through
 ``F.scaled_dot_product_attention``, which picks flash / memory-efficient kernels on GPUs) ->
 RMSNorm -> SwiGLU feed-forward, or a DeepSeekMoE-style mixture of experts (model/moe.py).
 Module names follow Hugging Face's Llama so the export (model/export.py) is a key rename.
 Distribution (ZeRO, precision, checkpoints) is applied from outside by model/train.py.
+
+Packed rows (SFT): ``positions`` [B, T] restart at 0 at each packed conversation and index the
+rotary tables, and ``segments`` [B, T] (any integer id per conversation) make attention
+block-diagonal causal, so a token never sees another conversation. Without them the row is
+one causal sequence and SDPA's ``is_causal`` fast path runs.
 
 Shape letters: B batch, T sequence, D d_model, H query heads, K key/value heads,
 Dh head dim (D / H), F feed-forward hidden, V vocabulary.
@@ -60,6 +67,20 @@ def rope_tables(seq_len: int, head_dim: int, theta: float, device, dtype) -> tup
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+def rope_at(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, 1, T, Dh] for explicit positions [B, T] (the 1 broadcasts over heads)."""
+    cos, sin = rope_tables(int(positions.max()) + 1, head_dim, theta, positions.device, dtype)  # [P, Dh]
+    return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+
+
+def block_causal_mask(segments: torch.Tensor) -> torch.Tensor:
+    """segments [B, T] -> bool [B, 1, T, T], True where query t may attend key s: s <= t, same segment."""
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()  # [T, T]
+    same = segments.unsqueeze(2) == segments.unsqueeze(1)  # [B, T, T]
+    return (same & causal).unsqueeze(1)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, heads, T, Dh]: rotate pairs (i, i + Dh/2) by position-dependent angles."""
     half = x.shape[-1] // 2
@@ -77,14 +98,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # [B, T, D]
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # [B, T, D]
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, Dh]
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, Dh]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # each group of H / K query heads shares one key/value head
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)  # [B, H, T, Dh]
+        gqa = self.n_kv_heads != self.n_heads
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # [B, H, T, Dh]
+        else:  # block-diagonal causal [B, 1, T, T]: the diagonal is always allowed, so no row is empty
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # [B, T, D]
 
 
@@ -110,8 +135,8 @@ class Block(nn.Module):
         else:
             self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)  # [B, T, D]
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)  # [B, T, D]
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             out, aux = self.mlp(h)
@@ -146,24 +171,46 @@ class Transformer(nn.Module):
             scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
             nn.init.normal_(p, mean=0.0, std=std * scale)
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens [B, T] -> logits [B, T, V], mean MoE balance loss over MoE layers (0 when dense)."""
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ):
+        """tokens [B, T] -> logits [B, T, V], mean MoE balance loss over MoE layers (0 when dense);
+        with return_hidden also the final normed hidden states [B, T, D] (what lm_head reads).
+
+        positions [B, T]: rotary position of each token (default 0..T-1); segments [B, T]: tokens
+        attend only to earlier tokens of the same segment (default: one segment per row)."""
+        hidden, aux = self.hidden_states(tokens, positions, segments)
+        logits = self.lm_head(hidden)  # [B, T, V]
+        return (logits, aux, hidden) if return_hidden else (logits, aux)
+
+    def hidden_states(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, segments: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward() without the output projection: (final normed hidden [B, T, D], aux); heads read this."""
         T = tokens.shape[1]
         x = self.embed_tokens(tokens)  # [B, T, D]
-        cos, sin = rope_tables(T, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta, x.device, x.dtype)  # [T, Dh]
+        head_dim = self.cfg.d_model // self.cfg.n_heads
+        if positions is None:
+            cos, sin = rope_tables(T, head_dim, self.cfg.rope_theta, x.device, x.dtype)  # [T, Dh]
+        else:
+            cos, sin = rope_at(positions, head_dim, self.cfg.rope_theta, x.dtype)  # [B, 1, T, Dh]
+        mask = None if segments is None else block_causal_mask(segments)  # [B, 1, T, T]
         aux_total = x.new_zeros((), dtype=torch.float32)
         self.activation_stats = []
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
-                x, aux = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x, aux = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x, aux = layer(x, cos, sin)
+                x, aux = layer(x, cos, sin, mask)
             aux_total = aux_total + aux
             if self.record_activations:
                 detached = x.detach().float()
                 self.activation_stats.append((detached.mean(), detached.std()))
-        logits = self.lm_head(self.norm(x))  # [B, T, V]
-        return logits, aux_total / max(1, self.n_moe_layers)
+        return self.norm(x), aux_total / max(1, self.n_moe_layers)
 
     # ------------------------------------------------------------------ accounting
     @property

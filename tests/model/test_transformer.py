@@ -191,3 +191,57 @@ def test_moe_model_is_not_exported_as_llama(tmp_path):
     save_model(model.state_dict(), model.cfg, tmp_path / "ours")
     with pytest.raises(ExportError, match="mixture-of-experts"):
         export_llama(tmp_path / "ours", tmp_path / "hf", max_seq_len=64)
+
+
+def pack(pieces: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Conversations [L_i] -> one row (tokens, positions restarting at 0, segment ids), each [1, sum L_i]."""
+    tokens = torch.cat(pieces).unsqueeze(0)
+    positions = torch.cat([torch.arange(len(p)) for p in pieces]).unsqueeze(0)
+    segments = torch.cat([torch.full((len(p),), i) for i, p in enumerate(pieces)]).unsqueeze(0)
+    return tokens, positions, segments
+
+
+@pytest.mark.parametrize("moe", [0, 4])
+def test_packed_row_equals_each_conversation_alone(moe):
+    model = tiny(moe_experts=moe, moe_top_k=2, moe_shared_experts=1).eval()
+    pieces = [tokens(1, n, seed=n)[0] for n in (5, 9, 3, 7)]
+    row, positions, segments = pack(pieces)
+    with torch.no_grad():
+        packed, _, hidden = model(row, positions, segments, return_hidden=True)
+        start = 0
+        for piece in pieces:
+            alone, _, alone_hidden = model(piece.unsqueeze(0), return_hidden=True)
+            assert (packed[0, start : start + len(piece)] - alone[0]).abs().max().item() < 1e-5
+            assert (hidden[0, start : start + len(piece)] - alone_hidden[0]).abs().max().item() < 1e-5
+            start += len(piece)
+        # without the segment mask the later conversations would see the earlier ones
+        leaky = model(row, positions)[0]
+        assert (leaky[0, 5:14] - packed[0, 5:14]).abs().max().item() > 1e-3
+
+
+def test_segments_are_causal_and_isolated():
+    model = tiny().eval()
+    pieces = [tokens(1, 6, seed=1)[0], tokens(1, 6, seed=2)[0]]
+    row, positions, segments = pack(pieces)
+    with torch.no_grad():
+        base = model(row, positions, segments)[0]
+        later = row.clone()
+        later[0, 9:] = (later[0, 9:] + 1) % VOCAB  # the second conversation's tail
+        changed = model(later, positions, segments)[0]
+        earlier = row.clone()
+        earlier[0, :6] = (earlier[0, :6] + 1) % VOCAB  # the whole first conversation
+        other = model(earlier, positions, segments)[0]
+    assert torch.equal(base[0, :9], changed[0, :9])  # neither the past nor the other conversation moves
+    assert not torch.allclose(base[0, 9:], changed[0, 9:])
+    assert torch.allclose(base[0, 6:], other[0, 6:], atol=1e-6)  # the second conversation never sees the first
+
+
+def test_default_positions_and_hidden_states_match_the_plain_path():
+    model = tiny().eval()
+    x = tokens()
+    with torch.no_grad():
+        plain = model(x)[0]
+        explicit = model(x, torch.arange(x.shape[1]).expand_as(x), torch.zeros_like(x))[0]
+        hidden, _ = model.hidden_states(x)
+    assert (plain - explicit).abs().max().item() < 1e-5
+    assert torch.allclose(model.lm_head(hidden), plain, atol=1e-6)
