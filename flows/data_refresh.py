@@ -20,7 +20,7 @@ from prefect.runtime import flow_run
 
 from lmfoundry.flows.params import DEFAULT_PRESET, Override, Rerun, SnapshotLabel, load_run_config
 from lmfoundry.flows.pipeline import STAGES
-from lmfoundry.flows.stage_task import GPU_STAGES, MissingUpstream, current_ref, run_stages
+from lmfoundry.flows.stage_task import MissingUpstream, current_ref, run_stages
 from lmfoundry.infra.snapshots import write_snapshot
 from lmfoundry.infra.stage import StageSpec
 from lmfoundry.infra.store import Store
@@ -31,7 +31,7 @@ DATA_CHANGED_EVENT = "lmf.data.changed"
 
 def data_stages() -> list[StageSpec]:
     """The stages before the first training stage (today's pipeline: all of them)."""
-    first_training = next((i for i, spec in enumerate(STAGES) if spec.name in GPU_STAGES), len(STAGES))
+    first_training = next((i for i, spec in enumerate(STAGES) if spec.gpu), len(STAGES))
     return STAGES[:first_training]
 
 

@@ -13,15 +13,8 @@ from typing import Any
 from prefect import flow
 
 from lmfoundry.flows.params import DEFAULT_PRESET, Override, Rerun, load_run_config
-from lmfoundry.flows.pipeline import STAGES
+from lmfoundry.flows.pipeline import stage
 from lmfoundry.flows.stage_task import run_stages
-from lmfoundry.infra.stage import StageSpec
-
-TRAINING_STAGES = ("pretrain",)
-
-
-def pretrain_stages() -> list[StageSpec]:
-    return [spec for spec in STAGES if spec.name in TRAINING_STAGES]
 
 
 @flow(name="pretrain", log_prints=True)
@@ -40,11 +33,7 @@ def pretrain(
         plan_only: run nothing; publish a table of what would run, be skipped or is stale, and why
     """
     config = load_run_config(preset, overrides)
-    stages = pretrain_stages()
-    if not stages:
-        print("flows/pipeline.py has no pretrain stage yet: nothing to train")
-        return {"ran": [], "versions": {}}
-    result = run_stages(config, stages, rerun=rerun, plan_only=plan_only)
+    result = run_stages(config, [stage("pretrain")], rerun=rerun, plan_only=plan_only)
     if plan_only:
         return {"plan": [row.model_dump() for row in result.plan or []]}
     return {"ran": result.ran(), "versions": {name: ref.version for name, ref in result.refs.items() if ref is not None}}

@@ -4,7 +4,7 @@ The task's result is a small StageOutcome, never data. Prefect's own result cach
 stage store is the source of truth for what can be reused, so a retried flow run (UI "Retry")
 skips committed stages and resumes the failed one at shard level.
 
-Training stages (GPU_STAGES) hold slots of a Prefect global concurrency limit
+Training stages (``StageSpec.gpu``) hold slots of a Prefect global concurrency limit
 (``compute.gpu_concurrency_limit``, "gpu-slots" by default) while they run, so two trainings
 never oversubscribe a host; ``lmf serve`` / ``lmf deploy`` create the limit.
 """
@@ -34,8 +34,6 @@ from lmfoundry.infra.config import ComputeConfig, PipelineConfig
 from lmfoundry.infra.stage import PlanRow, StageOutcome, StageSpec, downstream, plan, run_stage
 from lmfoundry.infra.store import StageRef, Store
 
-# stages that train on accelerators; they wait for a GPU slot before running
-GPU_STAGES = frozenset({"pretrain", "sft", "train_reward_model", "reward_model", "ppo"})
 
 
 class MissingUpstream(RuntimeError):
@@ -46,9 +44,9 @@ class MissingUpstream(RuntimeError):
 
 
 @contextmanager
-def gpu_slot(stage_name: str, compute: ComputeConfig) -> Iterator[None]:
+def gpu_slot(spec: StageSpec, compute: ComputeConfig) -> Iterator[None]:
     """Hold `compute.gpu_slots` slots of the GPU concurrency limit while a training stage runs."""
-    if stage_name not in GPU_STAGES or not compute.gpu_concurrency_limit:
+    if not spec.gpu or not compute.gpu_concurrency_limit:
         yield
         return
     with concurrency(compute.gpu_concurrency_limit, occupy=compute.gpu_slots):
@@ -63,7 +61,7 @@ def stage_task(name: str, config: PipelineConfig, inputs: list[StageRef], salt: 
     spec = stage(name)
     # a committed training is reused without waiting for a GPU slot
     committed = store.is_committed(name, spec.version(config, [ref.digest for ref in inputs], salt))
-    with nullcontext() if committed else gpu_slot(name, config.compute):
+    with nullcontext() if committed else gpu_slot(spec, config.compute):
         started = time.monotonic()
         outcome = run_stage(store, spec, config, inputs, salt=salt, run_id=run_id)
     logger.info("%s %s version %s", name, "reused" if outcome.status == "skipped" else "committed", outcome.ref.version)
@@ -73,17 +71,6 @@ def stage_task(name: str, config: PipelineConfig, inputs: list[StageRef], salt: 
 
 
 # ------------------------------------------------------------------ artifacts
-
-
-def flatten(stats: dict, prefix: str = "") -> list[dict[str, str]]:
-    rows = []
-    for key, value in stats.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            rows.extend(flatten(value, f"{name}."))
-        else:
-            rows.append({"stat": name, "value": str(value)})
-    return rows
 
 
 def artifact_key(text: str) -> str:
@@ -100,7 +87,7 @@ def publish_artifacts(store: Store, outcome: StageOutcome, seconds: float) -> No
         {"stat": "bytes", "value": str(manifest.get("bytes", ""))},
         {"stat": "resumed_files", "value": str(manifest.get("resumed_files", 0))},
     ]
-    create_table_artifact(key=artifact_key(f"{ref.stage}-stats"), table=header + flatten(outcome.stats), description=f"{ref.stage} {ref.version}: stats")
+    create_table_artifact(key=artifact_key(f"{ref.stage}-stats"), table=header + [{"stat": k, "value": str(v)} for k, v in report.flat_stats(outcome.stats).items()], description=f"{ref.stage} {ref.version}: stats")
     location = f"{store.url.rstrip('/')}/stages/{ref.stage}/{ref.version}/manifest.json"
     create_markdown_artifact(
         key=artifact_key(f"{ref.stage}-manifest"),

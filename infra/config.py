@@ -19,39 +19,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-EXECUTION_KEY = "execution"
-
-
-def execution(default: Any, **kwargs: Any) -> Any:
-    """A field that changes how a stage runs but not what it produces."""
-    return Field(default, json_schema_extra={EXECUTION_KEY: True}, **kwargs)
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    def identity(self) -> dict[str, Any]:
-        """The fields that define what this section produces (execution knobs removed)."""
-        out: dict[str, Any] = {}
-        for name, field in type(self).model_fields.items():
-            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-            if extra.get(EXECUTION_KEY):
-                continue
-            value = getattr(self, name)
-            out[name] = value.identity() if isinstance(value, Section) else _plain(value)
-        return out
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Section):
-        return value.identity()
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
+from lmfoundry.infra.config_posttrain import DpoConfig, PreferenceDataConfig, RewardModelConfig, SftConfig, SftDataConfig
+from lmfoundry.infra.config_base import EXECUTION_KEY, Section, execution  # noqa: F401  (re-exported)
 
 
 # --------------------------------------------------------------------------- store / compute
@@ -489,6 +458,11 @@ class PipelineConfig(Section):
     tokenize: TokenizeConfig = TokenizeConfig()
     model: ModelConfig = ModelConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    sft_data: SftDataConfig = SftDataConfig()
+    preference_data: PreferenceDataConfig = PreferenceDataConfig()
+    sft: SftConfig = SftConfig()
+    reward_model: RewardModelConfig = RewardModelConfig()
+    dpo: DpoConfig = DpoConfig()
 
 
 # --------------------------------------------------------------------------- loading

@@ -1,6 +1,7 @@
 """Map a pure function over shards with the configured parallelism.
 
-Data stages call ``map_shards(fn, items, compute)``; results come back in input order, so
+Data stages call ``map_pending(fn, n_shards, output_name, out, compute, desc)`` (which maps the
+shards whose output is not complete yet) or ``map_shards(fn, items, compute)`` directly; results come back in input order, so
 output never depends on the worker count or where the work ran. ``fn`` must be a top-level
 function or a ``functools.partial`` of one (picklable).
 
@@ -19,10 +20,14 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
+import sys
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, TypeVar
 
+from tqdm import tqdm
+
 from lmfoundry.infra.config import ComputeConfig
+from lmfoundry.infra.store import StageDir
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -43,6 +48,18 @@ def map_shards(fn: Callable[[T], R], items: Iterable[T], compute: ComputeConfig 
     pool_cls = ProcessPoolExecutor if compute.task_runner == "processes" else ThreadPoolExecutor
     with pool_cls(max_workers=workers) as pool:
         return list(pool.map(fn, items))
+
+
+def map_pending(fn: Callable[[int], Any], count: int, output: Callable[[int], str], out: StageDir, compute: ComputeConfig, desc: str) -> None:
+    """Run ``fn(i)`` for every shard ``i < count`` whose output file ``output(i)`` is not complete
+    yet: a rerun after a crash maps only the shards that were not finished."""
+    pending = [i for i in range(count) if not out.done(output(i))]
+    map_shards(fn, progress(pending, compute, f"{out.stage} {desc}"), compute)
+
+
+def progress(items: list[T], compute: ComputeConfig, desc: str) -> Iterable[T]:
+    """A progress bar on a terminal (compute.progress), silent elsewhere."""
+    return tqdm(items, desc=desc, disable=not (compute.progress and sys.stderr.isatty()))
 
 
 def _map_dask(fn: Callable[[T], R], items: list[T], compute: ComputeConfig) -> list[R]:

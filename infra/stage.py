@@ -16,6 +16,7 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel
 
 from lmfoundry.infra.config import PipelineConfig, Section
+from lmfoundry.infra.config_base import Sections
 from lmfoundry.infra.store import StageRef, Store, stage_version
 
 log = logging.getLogger("lmfoundry.stage")
@@ -23,12 +24,18 @@ log = logging.getLogger("lmfoundry.stage")
 
 @dataclass(frozen=True)
 class StageSpec:
-    """One row of a pipeline's table of contents."""
+    """One row of a pipeline's table of contents: everything the runner and the flows need to know."""
 
     name: str
     run: str  # "lmfoundry.tasks.dedup.exact_dedup:run_exact_dedup"
-    section: str | Callable[[PipelineConfig], Section]  # which part of the config the stage receives
+    # the config section the stage receives, or several (then as one Sections: cfg.model, cfg.pretrain)
+    section: str | tuple[str, ...]
     inputs: tuple[str, ...] = ()
+    # fields of the section this stage never reads: held at their defaults, so changing them
+    # (e.g. the quality threshold) does not re-run it
+    unused: tuple[str, ...] = ()
+    # trains on accelerators: waits for a slot of the GPU concurrency limit, runs in the GPU pool
+    gpu: bool = False
 
     def module(self):
         return importlib.import_module(self.run.split(":")[0])
@@ -40,7 +47,13 @@ class StageSpec:
         return str(getattr(self.module(), "CODE_VERSION"))
 
     def config(self, root: PipelineConfig) -> Section:
-        return self.section(root) if callable(self.section) else getattr(root, self.section)
+        if isinstance(self.section, tuple):
+            return Sections(**{name: getattr(root, name) for name in self.section})
+        cfg = getattr(root, self.section)
+        if self.unused:
+            fields = type(cfg).model_fields
+            cfg = cfg.model_copy(update={name: fields[name].default for name in self.unused})
+        return cfg
 
     def enabled(self, root: PipelineConfig) -> bool:
         """A section with `enabled: false` turns its stage into a pass-through of its first input."""
@@ -95,10 +108,9 @@ def run_stage(
 
 def _run_and_commit(store, spec, cfg, root, inputs, version, salt, run_id) -> StageOutcome:
     out = store.open_for_write(spec.name, version)
-    out.compute = root.compute
     resumed = len(out.marked_files())
     log.info("stage %s version %s: running%s", spec.name, version, f" (resuming, {resumed} files already done)" if resumed else "")
-    stats = stats_dict(spec.function()(cfg, inputs, out))
+    stats = stats_dict(spec.function()(cfg, inputs, out, compute=root.compute))
     ref = store.commit(
         out,
         {

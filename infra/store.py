@@ -24,7 +24,6 @@ import os
 import posixpath
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -39,10 +38,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict
-from tqdm import tqdm
 
 from lmfoundry.infra import faults
-from lmfoundry.infra.config import ComputeConfig
 
 log = logging.getLogger("lmfoundry.store")
 
@@ -321,17 +318,10 @@ class StageDir:
     ``done(relpath)`` tells a resuming stage which outputs are already complete.
     """
 
-    compute: ComputeConfig = ComputeConfig()  # the runner sets the pipeline's compute section
-
     def __init__(self, store: Store, stage: str, version: str):
         self.store, self.stage, self.version = store, stage, version
         self.path = store.version_path(stage, version)
         self._marked_count = 0
-
-    def progress(self, iterable, total: int | None = None, desc: str = ""):
-        """A progress bar on a terminal (compute.progress), silent elsewhere."""
-        enabled = self.compute.progress and sys.stderr.isatty()
-        return tqdm(iterable, total=total, desc=f"{self.stage} {desc}".strip(), disable=not enabled)
 
     def _marker_path(self, relpath: str) -> str:
         return posixpath.join(self.path, MARKERS, relpath + ".json")

@@ -69,7 +69,7 @@ from resiliparse.parse.html import HTMLTree
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
-from lmfoundry.infra.config import CrawlConfig
+from lmfoundry.infra.config import ComputeConfig, CrawlConfig
 from lmfoundry.infra.store import StageDir, StageRef, Store
 
 CODE_VERSION = "1"
@@ -816,7 +816,7 @@ def run_async(make_coroutine) -> Any:
         return pool.submit(lambda: asyncio.run(make_coroutine())).result()
 
 
-def run_crawl(cfg: CrawlConfig, inputs: list[StageRef], out: StageDir) -> CrawlStats:
+def run_crawl(cfg: CrawlConfig, inputs: list[StageRef], out: StageDir, compute: ComputeConfig = ComputeConfig()) -> CrawlStats:
     if not cfg.seeds and not cfg.url_lists:
         return crawl_stats(out, 0, 0, None)
     with contextlib.ExitStack() as stack:

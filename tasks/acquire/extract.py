@@ -49,9 +49,9 @@ from resiliparse.extract.html2text import extract_plain_text
 from resiliparse.parse.encoding import bytes_to_str, detect_encoding
 from resiliparse.parse.html import HTMLTree
 
-from lmfoundry.infra.config import ExtractConfig
+from lmfoundry.infra.config import ComputeConfig, ExtractConfig
 from lmfoundry.infra.docs import docs_table, shard_name
-from lmfoundry.infra.parallel import map_shards
+from lmfoundry.infra.parallel import map_pending
 from lmfoundry.infra.store import StageDir, StageRef
 from lmfoundry.tasks.acquire.ingest_warc import record_chunks
 
@@ -339,10 +339,9 @@ def input_fingerprint(cfg: ExtractConfig) -> str:
     return f"{cfg.lid_model_path}:{info.st_size}:{info.st_mtime_ns}"
 
 
-def run_extract(cfg: ExtractConfig, inputs: list[StageRef], out: StageDir) -> ExtractStats:
+def run_extract(cfg: ExtractConfig, inputs: list[StageRef], out: StageDir, compute: ComputeConfig = ComputeConfig()) -> ExtractStats:
     chunks = input_chunks(out, inputs)
-    todo = [i for i in range(len(chunks)) if not out.done(shard_name(i))]
-    map_shards(partial(extract_shard, cfg, chunks, out), out.progress(todo, desc="shards"), out.compute)
+    map_pending(partial(extract_shard, cfg, chunks, out), len(chunks), shard_name, out, compute, "shards")
     docs_in, docs_out = 0, 0
     skipped, languages = Counter(), Counter()
     for i in range(len(chunks)):

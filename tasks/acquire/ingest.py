@@ -23,10 +23,10 @@ import fsspec
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from lmfoundry.infra.config import IngestConfig, SourceConfig
+from lmfoundry.infra.config import ComputeConfig, IngestConfig, SourceConfig
 from lmfoundry.infra.docs import docs_table, shard_name
 from lmfoundry.infra.files import InputError, match_files
-from lmfoundry.infra.parallel import map_shards
+from lmfoundry.infra.parallel import map_pending
 from lmfoundry.infra.store import StageDir, StageRef
 
 CODE_VERSION = "1"
@@ -218,11 +218,10 @@ def ingest_partition(cfg: IngestConfig, parts: list[list[InputFile]], out: Stage
     return counts
 
 
-def run_ingest(cfg: IngestConfig, inputs: list[StageRef], out: StageDir) -> IngestStats:
+def run_ingest(cfg: IngestConfig, inputs: list[StageRef], out: StageDir, compute: ComputeConfig = ComputeConfig()) -> IngestStats:
     files = list_inputs(cfg)
     parts = partition(files, cfg.target_shard_bytes)
-    todo = [i for i in range(len(parts)) if not out.done(shard_name(i))]
-    map_shards(partial(ingest_partition, cfg, parts, out), out.progress(todo, desc="partitions"), out.compute)
+    map_pending(partial(ingest_partition, cfg, parts, out), len(parts), shard_name, out, compute, "partitions")
     totals = Counter()
     skipped, by_source = Counter(), Counter()
     for i in range(len(parts)):

@@ -55,9 +55,9 @@ from fastwarc.warc import ArchiveIterator, WarcRecord
 from pydantic import BaseModel
 from warcio.bufferedreaders import BufferedReader, ChunkedDataReader
 
-from lmfoundry.infra.config import IngestWarcConfig
+from lmfoundry.infra.config import ComputeConfig, IngestWarcConfig
 from lmfoundry.infra.files import InputError, match_files
-from lmfoundry.infra.parallel import map_shards
+from lmfoundry.infra.parallel import map_pending
 from lmfoundry.infra.store import StageDir, StageRef, StageReader
 
 CODE_VERSION = "2"  # 2: FastWARC reader; a record cut off at the end of a file is corrupt, br bodies decoded
@@ -429,10 +429,9 @@ def record_chunks(reader: StageReader) -> list[str]:
     return chunks
 
 
-def run_ingest_warc(cfg: IngestWarcConfig, inputs: list[StageRef], out: StageDir) -> IngestWarcStats:
+def run_ingest_warc(cfg: IngestWarcConfig, inputs: list[StageRef], out: StageDir, compute: ComputeConfig = ComputeConfig()) -> IngestWarcStats:
     items = list_inputs(cfg, inputs, out)
-    todo = [i for i in range(len(items)) if not out.done(file_name(i))]
-    map_shards(partial(ingest_file, cfg, items, out), out.progress(todo, desc="files"), out.compute)
+    map_pending(partial(ingest_file, cfg, items, out), len(items), file_name, out, compute, "files")
     totals, skipped, other, by_source = Counter(), Counter(), Counter(), Counter()
     chunks = 0
     for i in range(len(items)):

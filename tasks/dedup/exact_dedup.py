@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel
 
-from lmfoundry.infra.config import ExactDedupConfig
+from lmfoundry.infra.config import ComputeConfig, ExactDedupConfig
 from lmfoundry.infra.docs import shard_name, doc_shards
-from lmfoundry.infra.parallel import map_shards
+from lmfoundry.infra.parallel import map_pending
 from lmfoundry.infra.store import StageDir, StageRef
 
 CODE_VERSION = "1"
@@ -95,13 +95,11 @@ def _ids_of(out: StageDir, shards, rows: pa.Table) -> pa.Array:
     return pa.array(ids, pa.string())
 
 
-def run_exact_dedup(cfg: ExactDedupConfig, inputs: list[StageRef], out: StageDir) -> ExactDedupStats:
+def run_exact_dedup(cfg: ExactDedupConfig, inputs: list[StageRef], out: StageDir, compute: ComputeConfig = ComputeConfig()) -> ExactDedupStats:
     shards = doc_shards(out.store, inputs)
-    todo = [i for i in range(len(shards)) if not out.done(shard_name(i, "hashes/"))]
-    map_shards(partial(hash_shard, cfg, out, shards), out.progress(todo, desc="hash"), out.compute)
+    map_pending(partial(hash_shard, cfg, out, shards), len(shards), lambda i: shard_name(i, "hashes/"), out, compute, "hash")
     keepers = choose_keepers(out, len(shards))
-    todo = [i for i in range(len(shards)) if not out.done(shard_name(i))]
-    map_shards(partial(write_shard, out, shards, keepers), out.progress(todo, desc="write"), out.compute)
+    map_pending(partial(write_shard, out, shards, keepers), len(shards), shard_name, out, compute, "write")
     kept = pc.sum(pc.equal(keepers["order"], keepers["keeper_order"])).as_py() or 0
     groups = keepers.filter(pc.not_equal(keepers["order"], keepers["keeper_order"]))
     return ExactDedupStats(

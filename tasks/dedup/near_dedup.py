@@ -66,9 +66,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from lmfoundry.infra.config import NearDedupConfig
+from lmfoundry.infra.config import ComputeConfig, NearDedupConfig
 from lmfoundry.infra.docs import DATA_PREFIX, shard_name
-from lmfoundry.infra.parallel import map_shards
+from lmfoundry.infra.parallel import map_pending
 from lmfoundry.infra.store import StageDir, StageRef
 from lmfoundry.tasks.dedup import minhash
 
@@ -654,18 +654,14 @@ def _size_bucket(size: int) -> str:
     return f"{top // 2 + 1}-{top}"
 
 
-def run_near_dedup(cfg: NearDedupConfig, inputs: list[StageRef], out: StageDir) -> NearDedupStats:
+def run_near_dedup(cfg: NearDedupConfig, inputs: list[StageRef], out: StageDir, compute: ComputeConfig = ComputeConfig()) -> NearDedupStats:
     plan = make_plan(cfg, out, inputs)
     n_shards = len(plan["shards"])
-    todo = [i for i in range(n_shards) if not out.done(shard_name(i, "sigs/"))]
-    map_shards(partial(signature_shard, cfg, out, inputs, plan), out.progress(todo, desc="signatures"), out.compute)
-    todo = [p for p in range(plan["bucket_partitions"]) if not out.done(shard_name(p, "groups/"))]
-    map_shards(partial(groups_partition, out, plan), out.progress(todo, desc="band groups"), out.compute)
+    map_pending(partial(signature_shard, cfg, out, inputs, plan), n_shards, lambda i: shard_name(i, "sigs/"), out, compute, "signatures")
+    map_pending(partial(groups_partition, out, plan), plan["bucket_partitions"], lambda p: shard_name(p, "groups/"), out, compute, "band groups")
     index = find_components(cfg, out, plan)
-    todo = [q for q in range(index["partitions"]) if not out.done(shard_name(q, "clusters/"))]
-    map_shards(partial(cluster_partition, cfg, out, plan), out.progress(todo, desc="clusters"), out.compute)
-    todo = [i for i in range(n_shards) if not out.done(shard_name(i))]
-    map_shards(partial(filter_shard, out, inputs, plan, index["partitions"]), out.progress(todo, desc="filter"), out.compute)
+    map_pending(partial(cluster_partition, cfg, out, plan), index["partitions"], lambda q: shard_name(q, "clusters/"), out, compute, "clusters")
+    map_pending(partial(filter_shard, out, inputs, plan, index["partitions"]), n_shards, shard_name, out, compute, "filter")
     return collect_stats(cfg, out, plan, index)
 
 

@@ -24,9 +24,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel
 
-from lmfoundry.infra.config import HeuristicFilterConfig
+from lmfoundry.infra.config import ComputeConfig, HeuristicFilterConfig
 from lmfoundry.infra.docs import DOC_SCHEMA, shard_name, doc_shards
-from lmfoundry.infra.parallel import map_shards
+from lmfoundry.infra.parallel import map_pending
 from lmfoundry.infra.store import StageDir, StageRef
 from lmfoundry.tasks.filter.rules import build_steps, judge
 
@@ -75,10 +75,9 @@ def filter_shard(cfg: HeuristicFilterConfig, out: StageDir, shards: list[tuple[S
     out.write_table(shard_name(index), table.filter(mask), counts=counts)
 
 
-def run_heuristic_filter(cfg: HeuristicFilterConfig, inputs: list[StageRef], out: StageDir) -> HeuristicFilterStats:
+def run_heuristic_filter(cfg: HeuristicFilterConfig, inputs: list[StageRef], out: StageDir, compute: ComputeConfig = ComputeConfig()) -> HeuristicFilterStats:
     shards = doc_shards(out.store, inputs)
-    todo = [i for i in range(len(shards)) if not out.done(shard_name(i))]
-    map_shards(partial(filter_shard, cfg, out, shards), out.progress(todo, desc="shards"), out.compute)
+    map_pending(partial(filter_shard, cfg, out, shards), len(shards), shard_name, out, compute, "shards")
     docs_in = docs_out = 0
     dropped: Counter[str] = Counter()
     samples: dict[str, list[dict[str, str]]] = {}

@@ -56,9 +56,9 @@ import pyarrow.compute as pc
 from pydantic import BaseModel
 
 from lmfoundry.infra.files import InputError
-from lmfoundry.infra.config import REPO_ROOT, PipelineConfig, QualityClassifierConfig, expand_path
+from lmfoundry.infra.config import REPO_ROOT, ComputeConfig, PipelineConfig, QualityClassifierConfig, expand_path
 from lmfoundry.infra.docs import DATA_PREFIX, DOC_SCHEMA, shard_name, doc_shards
-from lmfoundry.infra.parallel import map_shards
+from lmfoundry.infra.parallel import map_pending
 from lmfoundry.infra.store import StageDir, StageRef
 from lmfoundry.tasks.filter.words import split_words
 
@@ -98,13 +98,6 @@ class QualityFilterStats(BaseModel):
     kept_fraction: float
     dropped: dict[str, int]
     score_quantiles: dict[str, float]  # p10, p50, p90 of all scores
-
-
-def training_section(root: PipelineConfig) -> QualityClassifierConfig:
-    """The `quality` section without the fields only filtering uses, so that changing the
-    threshold or kept fraction does not retrain (use as the training StageSpec's section)."""
-    defaults = QualityClassifierConfig.model_fields
-    return root.quality.model_copy(update={name: defaults[name].default for name in ("threshold", "keep_top_fraction")})
 
 
 # --------------------------------------------------------------------------- text
@@ -308,7 +301,7 @@ def best_threshold(scores: list[float], labels: list[bool]) -> dict[str, float]:
 # --------------------------------------------------------------------------- stage: train
 
 
-def run_train_quality_classifier(cfg: QualityClassifierConfig, inputs: list[StageRef], out: StageDir) -> TrainQualityStats:
+def run_train_quality_classifier(cfg: QualityClassifierConfig, inputs: list[StageRef], out: StageDir, compute: ComputeConfig = ComputeConfig()) -> TrainQualityStats:
     if cfg.model_path is not None:
         note = f"quality.model_path is set: using {cfg.model_path}, nothing trained"
         out.write_json("classifier.json", {"model_path": cfg.model_path, "positive_label": cfg.positive_label, "trained": False})
@@ -447,17 +440,15 @@ def _count(items: list[str]) -> dict[str, int]:
     return counts
 
 
-def run_quality_filter(cfg: QualityClassifierConfig, inputs: list[StageRef], out: StageDir) -> QualityFilterStats:
+def run_quality_filter(cfg: QualityClassifierConfig, inputs: list[StageRef], out: StageDir, compute: ComputeConfig = ComputeConfig()) -> QualityFilterStats:
     model_path, model_name, trained_threshold = classifier_model(cfg, out, inputs)
     documents = [ref for ref in inputs if ref.stage != CLASSIFIER_STAGE]
     shards = doc_shards(out.store, documents)
-    todo = [i for i in range(len(shards)) if not out.done(shard_name(i, "scores/"))]
-    map_shards(partial(score_shard, cfg, out, model_path, shards), out.progress(todo, desc="score"), out.compute)
+    map_pending(partial(score_shard, cfg, out, model_path, shards), len(shards), lambda i: shard_name(i, "scores/"), out, compute, "score")
     all_scores = [out.read_table(shard_name(i, "scores/"))["score"] for i in range(len(shards))]
     scores = np.array([s for column in all_scores for s in column.to_pylist() if s is not None], dtype=np.float64)
     mode, threshold = cutoff(cfg, scores, trained_threshold)
-    todo = [i for i in range(len(shards)) if not out.done(shard_name(i))]
-    map_shards(partial(write_shard, out, shards, threshold), out.progress(todo, desc="filter"), out.compute)
+    map_pending(partial(write_shard, out, shards, threshold), len(shards), shard_name, out, compute, "filter")
     docs_in = sum(len(column) for column in all_scores)
     docs_out = sum(out.marker(shard_name(i))["rows"] for i in range(len(shards)))
     dropped: dict[str, int] = {}

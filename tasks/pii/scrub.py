@@ -36,9 +36,9 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel
 
-from lmfoundry.infra.config import PiiConfig
+from lmfoundry.infra.config import ComputeConfig, PiiConfig
 from lmfoundry.infra.docs import DOC_SCHEMA, shard_name, doc_shards
-from lmfoundry.infra.parallel import map_shards
+from lmfoundry.infra.parallel import map_pending
 from lmfoundry.infra.store import StageDir, StageRef
 from lmfoundry.tasks.pii.detectors import PiiSpan, Replacer, key_fingerprint, mask_value, replace_spans, scanner_for
 
@@ -187,11 +187,10 @@ def scrub_shard(cfg: PiiConfig, out: StageDir, shards: list[tuple[StageRef, str]
     )
 
 
-def run_pii_scrub(cfg: PiiConfig, inputs: list[StageRef], out: StageDir) -> PiiScrubStats:
+def run_pii_scrub(cfg: PiiConfig, inputs: list[StageRef], out: StageDir, compute: ComputeConfig = ComputeConfig()) -> PiiScrubStats:
     shards = doc_shards(out.store, inputs)
     Replacer(cfg)  # a missing pseudonym key fails here, before any shard is touched
-    todo = [i for i in range(len(shards)) if not out.done(shard_name(i))]
-    map_shards(partial(scrub_shard, cfg, out, shards), out.progress(todo, desc="scrub"), out.compute)
+    map_pending(partial(scrub_shard, cfg, out, shards), len(shards), shard_name, out, compute, "scrub")
     markers = [out.marker(shard_name(i)) for i in range(len(shards))]
     entities, detectors, skipped = Counter(), Counter(), Counter()
     for m in markers:

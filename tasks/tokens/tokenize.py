@@ -40,9 +40,9 @@ from pydantic import BaseModel
 from tokenizers import Tokenizer
 
 from lmfoundry.infra.files import InputError
-from lmfoundry.infra.config import TokenizeConfig
+from lmfoundry.infra.config import ComputeConfig, TokenizeConfig
 from lmfoundry.infra.docs import doc_shards
-from lmfoundry.infra.parallel import map_shards
+from lmfoundry.infra.parallel import map_pending
 from lmfoundry.infra.store import StageDir, StageRef
 from lmfoundry.model.token_format import INDEX_FILE, SPLITS, TOKENS_COLUMN
 from lmfoundry.tasks.tokens.train_tokenizer import STAGE_NAME as TOKENIZER_STAGE
@@ -273,7 +273,7 @@ def build_index(out: StageDir, n_shards: int, meta: dict) -> tuple[dict, dict]:
     return index, {"docs_in": docs_in, "skipped": dict(sorted(skipped.items()))}
 
 
-def run_tokenize(cfg: TokenizeConfig, inputs: list[StageRef], out: StageDir) -> TokenizeStats:
+def run_tokenize(cfg: TokenizeConfig, inputs: list[StageRef], out: StageDir, compute: ComputeConfig = ComputeConfig()) -> TokenizeStats:
     tokenizer_ref, doc_refs = split_inputs(inputs)
     tokenizer, special = load_tokenizer(out.store, tokenizer_ref)
     # a literal "<|eos|>" in a document is text, not EOS; set before the shards share the
@@ -282,9 +282,8 @@ def run_tokenize(cfg: TokenizeConfig, inputs: list[StageRef], out: StageDir) -> 
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab_size)
     shards = doc_shards(out.store, doc_refs)
-    todo = [i for i in range(len(shards)) if not out.done(shard_file("train", i))]
     work = partial(tokenize_shard, cfg, out, shards, tokenizer, special, dtype)
-    map_shards(work, out.progress(todo, desc="shards"), out.compute)
+    map_pending(work, len(shards), lambda i: shard_file("train", i), out, compute, "shards")
     meta = {
         "seq_len": cfg.seq_len,
         "dtype": dtype.name,

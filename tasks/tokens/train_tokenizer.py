@@ -32,7 +32,7 @@ from pydantic import BaseModel
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from lmfoundry.infra.files import InputError
-from lmfoundry.infra.config import TokenizerConfig
+from lmfoundry.infra.config import ComputeConfig, TokenizerConfig
 from lmfoundry.infra.docs import DATA_PREFIX
 from lmfoundry.infra.store import StageDir, StageRef, Store
 
@@ -235,7 +235,7 @@ def input_fingerprint(cfg: TokenizerConfig) -> str:
         raise TokenizerInputError(f"tokenizer.path '{cfg.path}' cannot be read: {exc}; fix the path or unset it to train one") from exc
 
 
-def run_train_tokenizer(cfg: TokenizerConfig, inputs: list[StageRef], out: StageDir) -> TokenizerStats:
+def run_train_tokenizer(cfg: TokenizerConfig, inputs: list[StageRef], out: StageDir, compute: ComputeConfig = ComputeConfig()) -> TokenizerStats:
     counts: Counter = Counter()
     if cfg.path is not None:
         tokenizer, added = load_given(cfg)

@@ -42,7 +42,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from lmfoundry.infra.files import InputError
-from lmfoundry.infra.config import REPO_ROOT, ModelConfig, PipelineConfig, PretrainConfig, Section
+from lmfoundry.infra.config import REPO_ROOT, ComputeConfig, ModelConfig, PipelineConfig, PretrainConfig, Section
 from lmfoundry.infra.store import StageDir, StageRef
 from lmfoundry.model.token_format import INDEX_FILE
 
@@ -268,7 +268,7 @@ class CheckpointSync:
 # ---------------------------------------------------------------------- the stage
 
 
-def run_pretrain(cfg: PretrainJob, inputs: list[StageRef], out: StageDir) -> PretrainStats:
+def run_pretrain(cfg: PretrainJob, inputs: list[StageRef], out: StageDir, compute: ComputeConfig = ComputeConfig()) -> PretrainStats:
     from lmfoundry.model.train import DONE, TrainJob
 
     tokens_ref, tokenizer_ref = split_inputs(out, inputs)

@@ -145,6 +145,7 @@ def _hold_slots(limit_name: str | None, hold_s: float = 1.5) -> list[tuple[float
     """Two stand-in training tasks at once, each holding the GPU slot guard; their (start, end)."""
     from prefect import flow, task
 
+    from lmfoundry.flows.pipeline import stage
     from lmfoundry.flows.stage_task import gpu_slot
     from lmfoundry.infra.config import ComputeConfig
 
@@ -152,7 +153,7 @@ def _hold_slots(limit_name: str | None, hold_s: float = 1.5) -> list[tuple[float
 
     @task
     def fake_training() -> tuple[float, float]:
-        with gpu_slot("pretrain", compute):
+        with gpu_slot(stage("pretrain"), compute):
             start = time.monotonic()
             time.sleep(hold_s)
             return start, time.monotonic()

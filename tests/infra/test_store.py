@@ -17,7 +17,7 @@ from lmfoundry.infra.store import StageDir, StageRef, StoreError, stage_version
 COUNT = {"calls": 0}
 
 
-def run_numbers(cfg, inputs: list[StageRef], out: StageDir) -> dict:
+def run_numbers(cfg, inputs: list[StageRef], out: StageDir, compute=None) -> dict:
     """A tiny stage: three shards of numbers, skipping shards already done (resume)."""
     COUNT["calls"] += 1
     written = 0

@@ -12,7 +12,7 @@ import pytest
 from lmfoundry.infra.config import ConfigError, PipelineConfig, QualityClassifierConfig, SourceConfig, build_config
 from lmfoundry.infra.docs import iter_docs
 from lmfoundry.infra.stage import StageSpec, run_stage
-from lmfoundry.tasks.filter.quality import best_threshold, load_model, normalize, pieces, positive_scores, training_section
+from lmfoundry.tasks.filter.quality import best_threshold, load_model, normalize, pieces, positive_scores
 from tests.helpers import commit_docs
 
 TRAIN = StageSpec("train_quality_classifier", "lmfoundry.tasks.filter.quality:run_train_quality_classifier", section="quality")
@@ -141,7 +141,9 @@ def test_enabling_needs_a_positive_source_or_a_model():
 
 
 def test_filter_only_settings_do_not_retrain(reference_file):
-    spec = StageSpec("train_quality_classifier", "lmfoundry.tasks.filter.quality:run_train_quality_classifier", section=training_section)
+    from lmfoundry.flows.pipeline import stage
+
+    spec = stage("train_quality_classifier")  # the pipeline's own row
     base = quality_config(reference_file)
     tuned = base.model_copy(update={"quality": base.quality.model_copy(update={"keep_top_fraction": 0.3})})
     assert spec.version(base, ["d"]) == spec.version(tuned, ["d"])

@@ -10,10 +10,10 @@ import torch
 from lmfoundry.infra.config import ModelConfig, PipelineConfig, PretrainConfig
 from lmfoundry.infra.stage import StageSpec, run_stage
 from lmfoundry.model.transformer import load_model
-from lmfoundry.tasks.train.pretrain import PretrainError, PretrainInputError, committed_checkpoints, pretrain_section, split_inputs
+from lmfoundry.tasks.train.pretrain import PretrainError, PretrainInputError, committed_checkpoints, split_inputs
 from tests.model.token_fixtures import commit_tokenizer, commit_tokens, markov_tokens
 
-SPEC = StageSpec("pretrain", "lmfoundry.tasks.train.pretrain:run_pretrain", section=pretrain_section, inputs=("tokenize", "train_tokenizer"))
+SPEC = StageSpec("pretrain", "lmfoundry.tasks.train.pretrain:run_pretrain", section=("model", "pretrain"), inputs=("tokenize", "train_tokenizer"), gpu=True)
 VOCAB, SEQ = 48, 16
 STEPS, EVERY = 40, 20
 
