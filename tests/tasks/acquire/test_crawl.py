@@ -16,7 +16,8 @@ from warcio.archiveiterator import ArchiveIterator
 from lmfoundry.infra.config import PipelineConfig
 from lmfoundry.infra.faults import InjectedFault
 from lmfoundry.infra.stage import StageSpec, run_stage
-from lmfoundry.tasks.acquire.crawl import forbidden_address, normalize_url, parse_robots
+from lmfoundry.tasks.acquire.robots import parse_robots
+from lmfoundry.tasks.acquire.urls import forbidden_address, normalize_url
 
 CRAWL = StageSpec("crawl", "lmfoundry.tasks.acquire.crawl:run_crawl", section="crawl")
 INGEST_WARC = StageSpec("ingest_warc", "lmfoundry.tasks.acquire.ingest_warc:run_ingest_warc", section="ingest_warc", inputs=("crawl",))
