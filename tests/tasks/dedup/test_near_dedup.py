@@ -18,6 +18,7 @@ from lmfoundry.infra.config import NearDedupConfig, PipelineConfig
 from lmfoundry.infra.docs import iter_docs
 from lmfoundry.infra.stage import StageSpec, run_stage
 from lmfoundry.tasks.dedup import minhash
+from lmfoundry.tasks.dedup import lsh_clusters as lc
 from lmfoundry.tasks.dedup import near_dedup as nd
 from tests.helpers import commit_docs
 
@@ -166,9 +167,9 @@ def test_union_matches_scipy_connected_components():
     n = 400
     a, b = rng.integers(0, n, 300), rng.integers(0, n, 300)
     parent = np.arange(n)
-    nd.union(parent, a[:150], b[:150])  # in two batches, like the band-group files
-    nd.union(parent, a[150:], b[150:])
-    nd._compress(parent)
+    lc.union(parent, a[:150], b[:150])  # in two batches, like the band-group files
+    lc.union(parent, a[150:], b[150:])
+    lc._compress(parent)
     _, labels = connected_components(sp.coo_matrix((np.ones(300), (a, b)), shape=(n, n)), directed=False)
     same_ours = parent[:, None] == parent[None, :]
     same_scipy = labels[:, None] == labels[None, :]
@@ -179,9 +180,9 @@ def test_union_matches_scipy_connected_components():
 def test_band_groups_and_their_stars():
     keys = np.array([5, 9, 5, 5, 9, 7], np.uint64)
     docs = np.array([30, 11, 10, 20, 12, 99])
-    group_keys, group_docs = nd.band_groups(keys, docs)
+    group_keys, group_docs = lc.band_groups(keys, docs)
     assert list(zip(group_keys.tolist(), group_docs.tolist())) == [(5, 10), (5, 20), (5, 30), (9, 11), (9, 12)]
-    a, b = nd.star_edges(group_keys, group_docs)
+    a, b = lc.star_edges(group_keys, group_docs)
     assert list(zip(a.tolist(), b.tolist())) == [(10, 20), (10, 30), (11, 12)]
 
 
