@@ -1,0 +1,1 @@
+"""Training stages on DeepSpeed: pretraining, then post-training (SFT, reward model, DPO)."""
