@@ -56,8 +56,8 @@ from typing import Any
 
 import numpy as np
 
+from lmfoundry.bench._common import DEFAULT_DATA, alternating_rounds, commit_doc_shards, print_result, warc_paths, warc_texts
 from lmfoundry.infra.config import NearDedupConfig, PipelineConfig
-from lmfoundry.infra.docs import docs_table, shard_name
 from lmfoundry.infra.stage import StageSpec, run_stage
 from lmfoundry.infra.store import StageDir, StageRef, Store
 
@@ -68,21 +68,6 @@ MEMORY_SHARD_DOCS = 250
 
 
 # ---------------------------------------------------------------- corpus
-
-
-def warc_pages(path: str) -> list[str]:
-    from fastwarc.warc import ArchiveIterator, WarcRecordType
-    from resiliparse.extract.html2text import extract_plain_text
-    from resiliparse.parse.encoding import bytes_to_str, detect_encoding
-
-    texts = []
-    with open(path, "rb") as fh:
-        for record in ArchiveIterator(fh, record_types=WarcRecordType.response):
-            if "html" not in (record.http_headers.get("Content-Type") or ""):
-                continue
-            body = record.reader.read()
-            texts.append(extract_plain_text(bytes_to_str(body, detect_encoding(body)), main_content=True))
-    return texts
 
 
 def reference_shingles(text: str) -> set[str]:
@@ -149,12 +134,9 @@ def score(removed: dict[int, int], truth: ExactJaccard, threshold: float) -> dic
 
 
 def commit_input(store: Store, texts: list[str], shards: int) -> StageRef:
-    out = store.open_for_write("bench_docs", "v1")
     per = -(-len(texts) // shards)
-    for s in range(shards):
-        rows = [{"id": str(i), "text": texts[i], "source": "bench"} for i in range(s * per, min(len(texts), (s + 1) * per))]
-        out.write_table(shard_name(s), docs_table(rows))
-    return store.commit(out, {"stats": {}})
+    ranges = (range(s * per, min(len(texts), (s + 1) * per)) for s in range(shards))
+    return commit_doc_shards(store, ([{"id": str(i), "text": texts[i], "source": "bench"} for i in r] for r in ranges))
 
 
 def removed_by_ours(store: Store, ref: StageRef) -> dict[int, int]:
@@ -299,23 +281,24 @@ def memory_child(spec: dict[str, Any]) -> None:
 
     import pyarrow as pa
 
+    from lmfoundry.tasks.dedup import lsh_clusters as lc
     from lmfoundry.tasks.dedup import near_dedup as nd
 
     cfg = NearDedupConfig(**spec["config"])
     store = Store(spec["store"])
     out = StageDir(store, "near_dedup", spec["version"])
     plan = nd.make_plan(cfg, out, [StageRef(**spec["input"])])
-    index = nd.find_components(cfg, out, plan)
+    index = lc.find_components(cfg, out, plan)
     pool = pa.default_memory_pool()
     tracemalloc.start()
     if spec["step"] == "groups":
         for p in range(plan["bucket_partitions"]):
-            nd.groups_partition(out, plan, p)
+            lc.groups_partition(out, plan, p)
     elif spec["step"] == "components":
-        nd.compute_components(cfg, out, plan)
+        lc.compute_components(cfg, out, plan)
     else:
         for q in range(index["partitions"]):
-            nd.cluster_partition(cfg, out, plan, q)
+            lc.cluster_partition(cfg, out, plan, q)
     peak = tracemalloc.get_traced_memory()[1] + pool.max_memory()
     print(json.dumps({"peak_bytes": peak}))
 
@@ -325,7 +308,7 @@ def memory_child(spec: dict[str, Any]) -> None:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lmf bench dedup", description=__doc__.split("\n")[0])
-    parser.add_argument("--data", default="/work/shared/data")
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--files", nargs="+", default=["llvm15.warc.gz", "llvm16.warc.gz"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--shards", type=int, default=1, help="input shards for our stage")
@@ -339,25 +322,19 @@ def main(argv: list[str]) -> int:
         memory_child(json.loads(args.memory_child))
         return 0
 
-    per_file = []
-    for name in args.files:
-        path = os.path.join(args.data, name)
-        if not os.path.exists(path):
-            print(f"missing {path}; pass --data DIR (a folder with the WARC files) or --files", file=sys.stderr)
-            return 2
-        per_file.append((name, warc_pages(path)))
-    texts = [t for _, pages in per_file for t in pages]
+    texts = warc_texts(warc_paths(args.data, args.files))
     print(f"{len(texts)} pages from {', '.join(args.files)}", file=sys.stderr)
     truth = ExactJaccard(texts)
     cfg = NearDedupConfig(threshold=args.threshold, num_perm=args.num_perm)
 
     with tempfile.TemporaryDirectory(prefix="lmf-bench-dedup-") as workdir:
-        ours_s, ds_s = [], []
-        for _ in range(args.rounds):
-            seconds, ours_removed, stats = run_ours(texts, cfg, args.shards, workdir)
-            ours_s.append(seconds)
-            seconds, ds_removed = run_datasketch(texts, args.threshold, args.num_perm)
-            ds_s.append(seconds)
+        runs = alternating_rounds(
+            {"ours": lambda _: run_ours(texts, cfg, args.shards, workdir), "datasketch": lambda _: run_datasketch(texts, args.threshold, args.num_perm)},
+            args.rounds,
+        )
+        ours_s, ds_s = [run[0] for run in runs["ours"]], [run[0] for run in runs["datasketch"]]
+        _, ours_removed, stats = runs["ours"][-1]
+        _, ds_removed = runs["datasketch"][-1]
         print(f"cpu seconds per round: ours {[round(x, 2) for x in ours_s]}, datasketch {[round(x, 2) for x in ds_s]}", file=sys.stderr)
         ours_rate, ds_rate = len(texts) / min(ours_s), len(texts) / min(ds_s)
         quality = score(ours_removed, truth, args.threshold)
@@ -378,18 +355,17 @@ def main(argv: list[str]) -> int:
             mirrored = [" ".join(reversed(t.split())) for t in texts]
             quality["memory"] = memory_profile([("corpus", texts), ("corpus x2", texts + mirrored)], workdir)
 
-    result = {
-        "bench": "dedup",
-        "metric": "docs_per_s",
-        "ours": round(ours_rate, 1),
-        "baseline_name": "datatrove",
-        "baseline": round(dt_rate, 1) if dt_rate else None,
-        "ratio": round(ours_rate / dt_rate, 2) if dt_rate else None,
-        "ratio_vs_datasketch": round(ours_rate / ds_rate, 2),
-        "n": len(texts),
-        "quality": quality,
+    timing = {"clock": "process_time", "workers": 1, "statistic": "best round"}
+    settings = {
+        "ours": {"threshold": args.threshold, "num_perm": args.num_perm, "ngram": cfg.ngram, "input_shards": args.shards, "rounds": args.rounds, **timing},
+        "datasketch": {"threshold": args.threshold, "num_perm": args.num_perm, "ngram": NGRAM, "rounds": args.rounds, **timing},
     }
-    print(json.dumps(result))
+    if dt_rate:
+        settings["datatrove"] = {"bands": bands, "rows": rows, "ngram": NGRAM, "shingle_hash": "sha1", "rounds": 1, **timing}
+    print_result(
+        "dedup", "docs_per_s", ours_rate, "datatrove", dt_rate, n=len(texts), quality=quality, settings=settings,
+        ratio_digits=2, ratio_vs_datasketch=round(ours_rate / ds_rate, 2),
+    )
     return 0
 
 

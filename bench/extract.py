@@ -18,8 +18,6 @@ plus how many pages came out empty on each side. The last stdout line is the JSO
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import sys
 import time
@@ -27,7 +25,8 @@ from collections import Counter
 from pathlib import Path
 from statistics import mean
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "python311.warc.gz"
+from lmfoundry.bench._common import DEFAULT_DATA, pin_one_core, print_result, warc_paths
+
 WORD = re.compile(r"\w+")
 
 
@@ -38,24 +37,6 @@ def token_f1(ours: str, reference: str) -> float:
         return 1.0 if not a and not b else 0.0
     precision, recall = overlap / sum(a.values()), overlap / sum(b.values())
     return 2 * precision * recall / (precision + recall)
-
-
-def pick_file(data: str) -> Path:
-    path = Path(data)
-    if path.is_dir():
-        files = sorted(path.glob("*.warc.gz"))
-        if not files:
-            raise SystemExit(f"no *.warc.gz under {path}; pass --data FILE")
-        return files[0]
-    if not path.exists():
-        raise SystemExit(f"{path} does not exist; pass --data with a WARC file (e.g. ../shared/data/python311.warc.gz)")
-    return path
-
-
-def pin_one_core() -> int:
-    core = min(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {core})
-    return core
 
 
 def run_ours(path: Path, extractor: str, limit: int | None = None) -> tuple[float, int, dict[str, str], dict]:
@@ -105,11 +86,11 @@ def run_datatrove(path: Path, sample: int) -> tuple[float, int, dict[str, str], 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lmf bench extract", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="a .warc.gz file, or a folder (its first .warc.gz)")
+    parser.add_argument("--data", default=str(DEFAULT_DATA / "python311.warc.gz"), help="a .warc.gz file, or a folder (its first .warc.gz)")
     parser.add_argument("--baseline-sample", type=int, default=150, help="pages datatrove reads (it is slow)")
     parser.add_argument("--extractor", default="resiliparse", choices=["resiliparse", "trafilatura"])
     args = parser.parse_args(argv)
-    path = pick_file(args.data)
+    path = warc_paths(args.data)[0]
     core = pin_one_core()
     print(f"extract bench on {path.name}, pinned to CPU {core}", file=sys.stderr)
 
@@ -127,34 +108,40 @@ def main(argv: list[str]) -> int:
 
     pairs = [(ours_text[url], ref) for url, ref in base_text.items() if url in ours_text and ref.strip()]
     ours_rate, base_rate = ours_n / ours_s, base_n / base_s
-    result = {
-        "bench": "extract",
-        "metric": "docs_per_s",
-        "ours": round(ours_rate, 2),
-        "baseline_name": "datatrove WarcReader + Trafilatura",
-        "baseline": round(base_rate, 2),
-        "ratio": round(ours_rate / base_rate, 2),
-        "n": {"ours": ours_n, "baseline": base_n},
-        "quality": {
+    same = {"pages": sample, "cores": 1, "clock": "perf_counter"}
+    settings = {
+        "ours": {"extractor": args.extractor, "language_id": True, "runs": "before and after the baseline, mean", **same},
+        "datatrove": {"extractor": "Trafilatura (favour precision, timeout 1 s)", "runs": 1, **same},
+    }
+    print_result(
+        "extract",
+        "docs_per_s",
+        ours_rate,
+        "datatrove WarcReader + Trafilatura",
+        base_rate,
+        digits=2,
+        ratio_digits=2,
+        n={"ours": ours_n, "baseline": base_n},
+        settings=settings,
+        quality={
             "token_f1_vs_trafilatura_mean": round(mean(token_f1(a, b) for a, b in pairs), 4) if pairs else None,
             "f1_pages": len(pairs),
             "ours_empty": sum(1 for text in ours_text.values() if not text.strip()),
             "baseline_empty": sum(1 for text in base_text.values() if not text.strip()),
             "baseline_timeouts": base_info["timeouts"],
         },
-        "ours_whole_file": {
+        ours_whole_file={
             "n": full_n,
             "docs_per_s": round(full_n / full_s, 2),
             "empty": sum(1 for text in full_text.values() if not text.strip()),
             "skipped": full_info["skipped"],
             "languages": full_info["languages"],
         },
-        "ours_runs_s": [round(before_s, 2), round(after_s, 2)],
-        "extractor": args.extractor,
-        "data": path.name,
-        "cores": 1,
-    }
-    print(json.dumps(result))
+        ours_runs_s=[round(before_s, 2), round(after_s, 2)],
+        extractor=args.extractor,
+        data=path.name,
+        cores=1,
+    )
     return 0
 
 

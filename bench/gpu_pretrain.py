@@ -28,7 +28,6 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
 from contextlib import nullcontext  # noqa: E402
@@ -88,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from lmfoundry.bench._common import print_result
     from lmfoundry.infra.config import ModelConfig, PretrainConfig
     from lmfoundry.model.losses import lm_loss, split_batch
     from lmfoundry.model.train import build_engine, engine_step, init_single_process
@@ -172,15 +172,18 @@ def main(argv: list[str] | None = None) -> int:
         "loss_falls": losses["ours"][-1] < losses["ours"][0],
     }
     ratio_of = "mfu" if peak else "tokens_per_s"
-    result = {
-        "bench": "gpu_pretrain",
-        "metric": "mfu" if peak else "tokens_per_s",
-        "ours": round(mfu["ours"], 4) if peak else round(tps["ours"], 1),
-        "baseline_name": "pytorch-loop-bf16-autocast-fused-adamw",
-        "baseline": round(mfu["baseline"], 4) if peak else round(tps["baseline"], 1),
-        "ratio": round((mfu if peak else tps)["ours"] / (mfu if peak else tps)["baseline"], 3),
-        "n": tokens,
-        "quality": {
+    measured = mfu if peak else tps
+    same = {"micro_batch": args.micro_batch, "seq_len": args.seq_len, "vocab": args.vocab, "steps": args.steps, "warmup": args.warmup,
+            "chunk": args.chunk, "flash_attention": flash_ok, "grad_clip": cfg.grad_clip}
+    print_result(
+        "gpu_pretrain", ratio_of, measured["ours"], "pytorch-loop-bf16-autocast-fused-adamw", measured["baseline"],
+        digits=4 if peak else 1,
+        n=tokens,
+        settings={
+            "ours": {"engine": f"DeepSpeed ZeRO-{args.zero}", "precision": precision, **same},
+            "pytorch-loop": {"precision": "fp32 weights, bf16 autocast" if not args.smoke else "fp32", "optimizer": "AdamW fused" if not args.smoke else "AdamW", **same},
+        },
+        quality={
             "device": device_name,
             "size": "smoke" if args.smoke else args.size,
             "parameters": engine.module.num_parameters(),
@@ -200,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if not args.smoke else None,
             **checks,
         },
-    }
-    print(json.dumps(result))
+    )
     return 0 if checks["same_start_loss"] and checks["loss_falls"] else 1
 
 

@@ -22,6 +22,7 @@ import string
 import time
 from typing import Any, Callable
 
+from lmfoundry.bench._common import print_result
 from lmfoundry.infra.config import PiiConfig
 
 LOCALES = ("en_US", "en_GB", "de_DE", "fr_FR", "es_ES", "nl_NL", "en_CA")
@@ -302,15 +303,17 @@ def main(argv: list[str]) -> int:
     for name in ("ours", "presidio", "datatrove"):
         print(f"{name:<10} {speed[name]:>10.0f} docs/s  F1 {f1[name].f1()}")
     ours_f1 = f1["ours"].f1()
-    print(json.dumps({
-        "bench": "pii",
-        "metric": "docs_per_s",
-        "ours": round(speed["ours"], 1),
-        "baseline_name": "presidio-analyzer (predefined pattern recognisers, no NLP model)",
-        "baseline": round(speed["presidio"], 1),
-        "ratio": round(speed["ours"] / speed["presidio"], 2),
-        "n": len(texts),
-        "quality": {
+    same = {"sentences": len(texts), "seed": args.seed, "repeats": args.repeats, "statistic": "best pass", "warm": True}
+    print_result(
+        "pii", "docs_per_s", speed["ours"], "presidio-analyzer (predefined pattern recognisers, no NLP model)", speed["presidio"],
+        n=len(texts),
+        ratio_digits=2,
+        settings={
+            "ours": {"detectors": "find_pii, PiiConfig() defaults", **same},
+            "presidio": {"entities": PRESIDIO_ENTITIES, "nlp_engine": "none", **same},
+            "datatrove": {"formatter": "PIIFormatter(only_remove_public_ips=False)", **same},
+        },
+        quality={
             "f1": ours_f1,
             "min_regex_f1": min(v for k, v in ours_f1.items() if k in regex_types),
             "precision": {k: round(s.precision, 4) for k, s in sorted(f1["ours"].by_type.items())},
@@ -321,5 +324,5 @@ def main(argv: list[str]) -> int:
             "locales": list(LOCALES),
             "match_rule": "same type, IoU >= 0.5",
         },
-    }))
+    )
     return 0

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
+from itertools import islice
 from pathlib import Path
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from lmfoundry.bench._common import DEFAULT_DATA, commit_doc_shards, pin_one_core, print_result, warc_documents, warc_paths
+
 DEFAULT_FILES = ["python311.warc.gz", "llvm16.warc.gz"]
 
 # datatrove's reason names -> ours
@@ -64,31 +65,6 @@ DATATROVE_REASONS = {
 }
 
 
-def pin_to_one_core() -> None:
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-
-
-def extract_documents(paths: list[Path], limit: int | None) -> list[dict[str, str]]:
-    """(url, source, text) of every HTML response in the WARC files, in file order."""
-    from fastwarc.warc import ArchiveIterator, WarcRecordType
-    from resiliparse.extract.html2text import extract_plain_text
-    from resiliparse.parse.encoding import bytes_to_str, detect_encoding
-
-    docs = []
-    for path in paths:
-        with open(path, "rb") as stream:
-            for record in ArchiveIterator(stream, record_types=WarcRecordType.response, parse_http=True):
-                if "html" not in (record.http_headers.get("Content-Type") or ""):
-                    continue
-                body = record.reader.read()
-                text = extract_plain_text(bytes_to_str(body, detect_encoding(body)), main_content=True)
-                docs.append({"url": record.headers.get("WARC-Target-URI") or "", "source": path.name, "text": text})
-                if limit and len(docs) >= limit:
-                    return docs
-    return docs
-
-
 def rules_config():
     from lmfoundry.infra.config import HeuristicFilterConfig
 
@@ -96,7 +72,7 @@ def rules_config():
 
 
 def run_ours(texts: list[str]) -> tuple[list[str | None], float]:
-    from lmfoundry.tasks import rules, words
+    from lmfoundry.tasks.filter import rules, words
 
     steps = rules.build_steps(rules_config())
     rules.judge("warm up the regular expressions.", steps)
@@ -163,18 +139,14 @@ def fineweb_agreement(texts: list[str]) -> dict:
 def stage_docs_per_s(docs: list[dict]) -> float:
     """The heuristic_filter stage end to end through a local store, one worker, cold caches."""
     from lmfoundry.infra.config import ComputeConfig, PipelineConfig
-    from lmfoundry.infra.docs import docs_table, shard_name
     from lmfoundry.infra.stage import StageSpec, run_stage
     from lmfoundry.infra.store import Store
     from lmfoundry.tasks.filter import words
 
     with tempfile.TemporaryDirectory(prefix="lmf-bench-quality-") as tmp:
         store = Store(tmp)
-        out = store.open_for_write("bench_docs", "v1")
         rows = [{"id": str(i), "text": d["text"], "url": d["url"], "source": d["source"]} for i, d in enumerate(docs)]
-        for shard, start in enumerate(range(0, len(rows), 500)):
-            out.write_table(shard_name(shard), docs_table(rows[start : start + 500]))
-        ref = store.commit(out, {"stats": {}})
+        ref = commit_doc_shards(store, (rows[start : start + 500] for start in range(0, len(rows), 500)))
         root = PipelineConfig(heuristic_filter=rules_config(), compute=ComputeConfig(workers=1, progress=False))
         spec = StageSpec("heuristic_filter", "lmfoundry.tasks.filter.heuristic_filter:run_heuristic_filter", section="heuristic_filter")
         words._SPLITS.clear()
@@ -187,7 +159,6 @@ def stage_docs_per_s(docs: list[dict]) -> float:
 def classifier_bench(docs: list[dict]) -> dict:
     """Train a classifier with the pipeline's own stage, then time scoring every page."""
     from lmfoundry.infra.config import ComputeConfig, PipelineConfig, QualityClassifierConfig, SourceConfig
-    from lmfoundry.infra.docs import docs_table, shard_name
     from lmfoundry.infra.stage import StageSpec, run_stage
     from lmfoundry.infra.store import Store
     from lmfoundry.tasks.filter.quality import load_model, normalize, positive_scores
@@ -196,9 +167,7 @@ def classifier_bench(docs: list[dict]) -> dict:
         reference = Path(tmp) / "reference.jsonl"
         reference.write_text("\n".join(json.dumps({"text": d["text"]}) for d in docs if d["source"].startswith("python")))
         store = Store(str(Path(tmp) / "store"))
-        out = store.open_for_write("bench_docs", "v1")
-        out.write_table(shard_name(0), docs_table({"id": str(i), "text": d["text"]} for i, d in enumerate(docs)))
-        pages = store.commit(out, {"stats": {}})
+        pages = commit_doc_shards(store, [[{"id": str(i), "text": d["text"]} for i, d in enumerate(docs)]])
         cfg = QualityClassifierConfig(enabled=True, positive=SourceConfig(name="python-docs", paths=[str(reference)]))
         root = PipelineConfig(quality=cfg, compute=ComputeConfig(workers=1, progress=False))
         spec = StageSpec("train_quality_classifier", "lmfoundry.tasks.filter.quality:run_train_quality_classifier", section="quality")
@@ -232,13 +201,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-classifier", action="store_true", help="skip the fastText part")
     parser.add_argument("--fineweb", action="store_true", help="also compare the FineWeb rules with datatrove's (untimed)")
     args = parser.parse_args(argv)
-    paths = [Path(args.data) / name for name in args.files]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        print(f"missing WARC files: {', '.join(missing)}; pass --data DIR (and --files)", file=sys.stderr)
-        return 2
-    pin_to_one_core()
-    docs = extract_documents(paths, args.limit)
+    paths = warc_paths(args.data, args.files)
+    pin_one_core()
+    docs = list(islice(warc_documents(paths), args.limit or None))
     texts = [d["text"] for d in docs]
     print(f"{len(docs)} pages, {sum(map(len, texts)):,} characters", file=sys.stderr)
     ours, ours_s = run_ours(texts)
@@ -251,17 +216,15 @@ def main(argv: list[str]) -> int:
         quality["classifier"] = classifier_bench(docs)
     ours_rate, theirs_rate = len(docs) / ours_s, len(docs) / theirs_s
     print(json.dumps({"ours_s": round(ours_s, 2), "datatrove_s": round(theirs_s, 2)}), file=sys.stderr)
-    result = {
-        "bench": "quality",
-        "metric": "docs_per_s",
-        "ours": round(ours_rate, 1),
-        "baseline_name": "datatrove GopherRepetition->GopherQuality->C4Quality",
-        "baseline": round(theirs_rate, 1),
-        "ratio": round(ours_rate / theirs_rate, 2),
-        "n": len(docs),
-        "quality": quality,
+    same = {"thresholds": "published defaults", "cores": 1, "clock": "process_time", "rounds": 1}
+    settings = {
+        "ours": {"rule_sets": ["gopher_repetition", "gopher_quality", "c4"], "fineweb": False, **same},
+        "datatrove": {"filters": ["GopherRepetitionFilter", "GopherQualityFilter", "C4QualityFilter"], "called": "filter() directly", **same},
     }
-    print(json.dumps(result))
+    print_result(
+        "quality", "docs_per_s", ours_rate, "datatrove GopherRepetition->GopherQuality->C4Quality", theirs_rate,
+        n=len(docs), quality=quality, settings=settings, ratio_digits=2,
+    )
     return 0
 
 

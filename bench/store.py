@@ -11,7 +11,6 @@ ratio against unsynced page-cache writes is printed beside it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -20,6 +19,7 @@ import uuid
 
 import fsspec
 
+from lmfoundry.bench._common import alternating_rounds, print_result
 from lmfoundry.infra.store import Store
 
 
@@ -53,24 +53,26 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     base = args.url or tempfile.mkdtemp(prefix="lmf-bench-store-")
     shards = [os.urandom(int(args.shard_mb * 2**20)) for _ in range(args.shards)]
-    ours, raw, cached = [], [], []
-    for r in range(args.repeats):  # interleaved so all see the same machine state
-        os.sync()  # start each timing with no dirty pages left by the previous one
-        raw.append(write_raw(f"{base}/raw-{r}", shards, durable=True))
-        os.sync()
-        ours.append(write_store(f"{base}/store-{r}", shards))
-        os.sync()
-        cached.append(write_raw(f"{base}/cached-{r}", shards, durable=False))
+    runs = alternating_rounds(  # interleaved so all see the same machine state
+        {
+            "raw": lambda r: write_raw(f"{base}/raw-{r}", shards, durable=True),
+            "ours": lambda r: write_store(f"{base}/store-{r}", shards),
+            "cached": lambda r: write_raw(f"{base}/cached-{r}", shards, durable=False),
+        },
+        args.repeats,
+        before=os.sync,  # start each timing with no dirty pages left by the previous one
+    )
+    ours, raw, cached = runs["ours"], runs["raw"], runs["cached"]
     if not args.url:
         shutil.rmtree(base, ignore_errors=True)
     best_ours, best_raw, best_cached = min(ours), min(raw), min(cached)
     total_mb = args.shards * args.shard_mb
     print(f"store: {total_mb / best_ours:.0f} MB/s, raw fsspec: {total_mb / best_raw:.0f} MB/s")
-    print(json.dumps({
-        "bench": "store", "metric": "commit_seconds", "ours": round(best_ours, 4),
-        "baseline_name": "raw fsspec pipe_file + sync", "baseline": round(best_raw, 4),
-        "ratio": round(best_ours / best_raw, 3), "n": args.shards,
-        "ratio_vs_page_cache_writes": round(best_ours / best_cached, 3),
-        "quality": {"shard_mb": args.shard_mb, "repeats": args.repeats, "lower_ratio_is_better": True},
-    }))
+    same = {"shards": args.shards, "shard_mb": args.shard_mb, "url": args.url or "temp dir", "repeats": args.repeats, "statistic": "best"}
+    print_result(
+        "store", "commit_seconds", best_ours, "raw fsspec pipe_file + sync", best_raw, n=args.shards, digits=4,
+        quality={"shard_mb": args.shard_mb, "repeats": args.repeats, "lower_ratio_is_better": True},
+        settings={"ours": {"writes": "StageDir.write_bytes + commit (durable)", **same}, "raw": {"writes": "fs.pipe_file + os.sync", **same}},
+        ratio_vs_page_cache_writes=round(best_ours / best_cached, 3),
+    )
     return 0

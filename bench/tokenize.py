@@ -27,7 +27,6 @@ carrying the loader comparison in "quality"; a line before it is the loader's ow
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import statistics
@@ -40,8 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmfoundry.bench._common import DEFAULT_DATA, alternating_rounds, commit_doc_shards, result_line, warc_paths, warc_texts
 from lmfoundry.infra.config import PipelineConfig
-from lmfoundry.infra.docs import docs_table, shard_name
 from lmfoundry.infra.stage import StageSpec, run_stage
 from lmfoundry.infra.store import StageRef, Store
 from lmfoundry.model.loader import TokenLoader
@@ -52,29 +51,6 @@ TOKENIZE = StageSpec("tokenize", "lmfoundry.tasks.tokens.tokenize:run_tokenize",
 
 
 # ---------------------------------------------------------------- input text
-
-
-def warc_texts(data: str, max_docs: int) -> list[str]:
-    from fastwarc.warc import ArchiveIterator, WarcRecordType
-    from resiliparse.extract.html2text import extract_plain_text
-    from resiliparse.parse.encoding import bytes_to_str, detect_encoding
-
-    paths = sorted(glob.glob(os.path.join(data, "*.warc.gz")))
-    if not paths:
-        raise SystemExit(f"no *.warc.gz in {data}; pass --data DIR or --source stdlib")
-    texts = []
-    for path in paths:
-        with open(path, "rb") as fh:
-            for record in ArchiveIterator(fh, record_types=WarcRecordType.response):
-                if "html" not in (record.http_headers.get("Content-Type") or ""):
-                    continue
-                body = record.reader.read()
-                text = extract_plain_text(bytes_to_str(body, detect_encoding(body)), main_content=True)
-                if text.strip():
-                    texts.append(text)
-                if len(texts) >= max_docs:
-                    return texts
-    return texts
 
 
 def stdlib_texts(max_docs: int) -> list[str]:
@@ -95,11 +71,8 @@ def stdlib_texts(max_docs: int) -> list[str]:
 def commit_documents(store: Store, texts: list[str], n_shards: int) -> tuple[StageRef, list[list[str]]]:
     """Texts as document shards of a committed stage; returns the ref and the texts per shard."""
     per_shard = [texts[i::n_shards] for i in range(n_shards)]
-    out = store.open_for_write("bench_docs", "v1")
-    for i, shard in enumerate(per_shard):
-        rows = [{"id": f"s{i}-{j}", "text": t, "source": "bench"} for j, t in enumerate(shard)]
-        out.write_table(shard_name(i), docs_table(rows))
-    return store.commit(out, {"stats": {}}), per_shard
+    rows = ([{"id": f"s{i}-{j}", "text": t, "source": "bench"} for j, t in enumerate(shard)] for i, shard in enumerate(per_shard))
+    return commit_doc_shards(store, rows), per_shard
 
 
 # ---------------------------------------------------------------- timed sides
@@ -164,7 +137,7 @@ def loader_batches(loader: TokenLoader, steps: int) -> float:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lmf bench tokenize", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default="/work/shared/data", help="folder of *.warc.gz files")
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="folder of *.warc.gz files")
     p.add_argument("--source", choices=("warc", "stdlib"), default="warc")
     p.add_argument("--max-docs", type=int, default=100_000)
     p.add_argument("--shards", type=int, default=8)
@@ -179,7 +152,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse(argv)
-    texts = warc_texts(args.data, args.max_docs) if args.source == "warc" else stdlib_texts(args.max_docs)
+    texts = warc_texts(warc_paths(args.data), args.max_docs, skip_empty=True) if args.source == "warc" else stdlib_texts(args.max_docs)
     text_origin = f"resiliparse main text of {args.data}/*.warc.gz" if args.source == "warc" else "Python stdlib .py files"
     print(f"{len(texts)} documents, {sum(map(len, texts)) / 1e6:.1f}M characters ({text_origin})", file=sys.stderr)
     cfg = PipelineConfig.model_validate(
@@ -198,14 +171,16 @@ def main(argv: list[str]) -> int:
         tokenizer, _ = load_tokenizer(store, tok_ref)
         tokenizer.encode_special_tokens = True  # as the stage encodes
 
-        raw_s, stage_s, raw_cpu, stage_cpu, outcome = [], [], [], [], None
-        for r in range(args.rounds):  # paired rounds: both sides of a round see similar machine load
-            wall, cpu, n_raw = raw_encode(tokenizer, shards, cfg.tokenize.batch_docs)
-            raw_s.append(wall)
-            raw_cpu.append(cpu)
-            wall, cpu, outcome = stage_run(store, cfg, [docs_ref, tok_ref], salt=f"bench-round-{r}")
-            stage_s.append(wall)
-            stage_cpu.append(cpu)
+        runs = alternating_rounds(  # paired rounds: both sides of a round see similar machine load
+            {
+                "raw": lambda r: raw_encode(tokenizer, shards, cfg.tokenize.batch_docs),
+                "stage": lambda r: stage_run(store, cfg, [docs_ref, tok_ref], salt=f"bench-round-{r}"),
+            },
+            args.rounds,
+        )
+        raw_s, raw_cpu = [run[0] for run in runs["raw"]], [run[1] for run in runs["raw"]]
+        stage_s, stage_cpu = [run[0] for run in runs["stage"]], [run[1] for run in runs["stage"]]
+        n_raw, outcome = runs["raw"][-1][2], runs["stage"][-1][2]
         offsets_s, _, _ = raw_encode(tokenizer, shards, cfg.tokenize.batch_docs, fast=False)
         stats = outcome.stats
         docs_out = sum(stats["docs"].values())
@@ -215,10 +190,11 @@ def main(argv: list[str]) -> int:
 
         loader = TokenLoader.from_stage(store, outcome.ref, batch_size=args.batch_size, seed=0)
         flat = memmap_copy(loader, os.path.join(tmp, "tokens.bin"))
-        loader_s, memmap_s = [], []
-        for _ in range(args.rounds):
-            loader_s.append(loader_batches(loader, args.loader_steps))
-            memmap_s.append(memmap_batches(flat, args.batch_size, args.loader_steps, seed=0))
+        loader_runs = alternating_rounds(
+            {"loader": lambda _: loader_batches(loader, args.loader_steps), "memmap": lambda _: memmap_batches(flat, args.batch_size, args.loader_steps, seed=0)},
+            args.rounds,
+        )
+        loader_s, memmap_s = loader_runs["loader"], loader_runs["memmap"]
         check = TokenLoader.from_stage(store, outcome.ref, batch_size=args.batch_size, seed=0)
         same_batches = all(
             torch.equal(next(check), torch.from_numpy(flat[check.samples_at(np.arange(s * args.batch_size, (s + 1) * args.batch_size))].astype(np.int64)))
@@ -226,27 +202,22 @@ def main(argv: list[str]) -> int:
         )
         loader_ours = args.batch_size * args.loader_steps / min(loader_s)
         loader_base = args.batch_size * args.loader_steps / min(memmap_s)
-        loader_result = {
-            "bench": "token_loader",
-            "metric": "samples_per_s",
-            "ours": round(loader_ours, 1),
-            "baseline_name": "numpy.memmap fancy-index gather",
-            "baseline": round(loader_base, 1),
-            "ratio": round(loader_ours / loader_base, 3),
-            "n": args.batch_size * args.loader_steps,
-            "quality": {"identical_batches": same_batches, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                        "samples": loader.num_samples, "files": len(loader.blocks)},
-        }
+        same = {"batch_size": args.batch_size, "steps": args.loader_steps, "seed": 0, "clock": "process_time", "rounds": args.rounds, "statistic": "best round"}
+        loader_result = result_line(
+            "token_loader", "samples_per_s", loader_ours, "numpy.memmap fancy-index gather", loader_base,
+            n=args.batch_size * args.loader_steps,
+            quality={"identical_batches": same_batches, "batch_size": args.batch_size, "seq_len": args.seq_len,
+                     "samples": loader.num_samples, "files": len(loader.blocks)},
+            settings={"ours": {"reader": "TokenLoader", **same}, "memmap": {"reader": "ndarray view of one flat file", **same}},
+        )
         print(json.dumps(loader_result))
-        result = {
-            "bench": "tokenize",
-            "metric": "tokens_per_s",
-            "ours": round(ours, 1),
-            "baseline_name": "tokenizers encode_batch_fast in memory",
-            "baseline": round(baseline, 1),
-            "ratio": round(paired_ratio, 3),
-            "n": n_raw,
-            "quality": {
+        same = {"batch_docs": cfg.tokenize.batch_docs, "encode": "encode_batch_fast", "clock": "perf_counter", "rounds": args.rounds, "statistic": "median"}
+        result = result_line(
+            "tokenize", "tokens_per_s", ours, "tokenizers encode_batch_fast in memory", baseline,
+            ratio=paired_ratio,
+            n=n_raw,
+            settings={"ours": {"stage": "tokenize", "workers": args.workers, "seq_len": args.seq_len, "shards": args.shards, **same}, "raw": same},
+            quality={
                 "text": text_origin,
                 "docs": len(texts),
                 "chars": sum(map(len, texts)),
@@ -265,6 +236,6 @@ def main(argv: list[str]) -> int:
                 "threads": os.cpu_count(),
                 "loader": {k: loader_result[k] for k in ("ours", "baseline", "ratio", "quality")},
             },
-        }
+        )
         print(json.dumps(result))
     return 0

@@ -12,11 +12,12 @@ alike. quality.loss_abs_diff shows they did the same work.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 import torch
+
+from lmfoundry.bench._common import print_result
 
 
 def plain_step(model, optimizer, scheduler, batch: torch.Tensor, clip: float) -> float:
@@ -95,15 +96,15 @@ def main(argv: list[str]) -> int:
     tokens = args.steps * args.batch * args.seq_len
     ours_tps, base_tps = tokens / seconds["ours"], tokens / seconds["baseline"]
     flops = Transformer(model_cfg).flops_per_token(args.seq_len)
-    result = {
-        "bench": "train",
-        "metric": "tokens_per_s",
-        "ours": round(ours_tps, 1),
-        "baseline_name": "pytorch-loop",
-        "baseline": round(base_tps, 1),
-        "ratio": round(ours_tps / base_tps, 3),
-        "n": tokens,
-        "quality": {
+    same = {
+        "d_model": args.d_model, "layers": args.layers, "vocab": args.vocab, "seq_len": args.seq_len, "batch": args.batch,
+        "steps": args.steps, "warmup": args.warmup, "chunk": args.chunk, "precision": "fp32", "optimizer": "AdamW", "grad_clip": cfg.grad_clip,
+    }
+    print_result(
+        "train", "tokens_per_s", ours_tps, "pytorch-loop", base_tps,
+        n=tokens,
+        settings={"ours": {"engine": f"DeepSpeed ZeRO-{args.zero}, gloo, 1 rank", **same}, "pytorch-loop": same},
+        quality={
             "zero_stage": args.zero,
             "parameters": engine.module.num_parameters(),
             "flops_per_token": flops,
@@ -113,6 +114,5 @@ def main(argv: list[str]) -> int:
             "loss_abs_diff": abs(losses["ours"][-1] - losses["baseline"][-1]),
             "threads": torch.get_num_threads(),
         },
-    }
-    print(json.dumps(result))
+    )
     return 0

@@ -15,21 +15,28 @@ half-built pipeline:
 - PII found per type: in stages named ``pii*``, a stats mapping named ``entities`` or
   ``by_type`` (else any ``*type*`` mapping of counts);
 - training curves: a ``metrics.jsonl`` among a stage's files, one JSON object per line with
-  ``step`` and any of ``loss``, ``train_loss``, ``val_loss``, ``eval_loss``, ``lr``;
+  ``step`` and any of ``loss``, ``train_loss``, ``val_loss``, ``eval_loss`` (one panel), and a
+  small panel per metric ending in ``accuracy``, ``margin`` or ``ppl`` (``val_accuracy``,
+  ``reward_margin``...); a ``unigram_<metric>`` is drawn as a dashed reference line;
 - every stage's stats as a table.
 
-Plots are PNGs embedded as base64, so the file opens anywhere without a server.
+The page is rendered from Jinja2 templates in infra/templates/ (report.html.j2, which includes
+lineage.svg.j2), autoescaped; this module only reads and plots. Plots are PNGs embedded as
+base64, so the file opens anywhere without a server. The same figure functions draw the
+Prefect artifacts (flows/stage_task.py) and a training stage's own plots (``png_bytes``).
 """
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import io
 import json
 import posixpath
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import jinja2
 
 from lmfoundry.infra.store import StageRef, Store
 
@@ -37,6 +44,9 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 CURVE_KEYS = ("loss", "train_loss", "val_loss", "eval_loss")
+PANEL_SUFFIXES = ("accuracy", "margin", "ppl")  # SFT / reward model / DPO metrics: a small panel each
+SPLIT_PREFIXES = ("train_", "val_", "eval_")  # train and val of one metric share a panel
+BASELINE_PREFIX = "unigram_"  # a reference level, drawn as a dashed line
 TOKEN_KEYS = ("tokens_out", "total_tokens", "train_tokens")
 METRICS_FILE = "metrics.jsonl"
 
@@ -174,10 +184,14 @@ def collect(store: Store, versions: dict[str, str]) -> list[StageInfo]:
 # ------------------------------------------------------------------ plots
 
 
-def png_data_uri(fig: Figure) -> str:
+def png_bytes(fig: Figure, dpi: int = 96) -> bytes:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=96, bbox_inches="tight")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def png_data_uri(fig: Figure) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(fig)).decode()
 
 
 def bar_figure(labels: list[str], values: list[float], title: str, xlabel: str) -> Figure:
@@ -214,20 +228,73 @@ def histogram_figure(counts: dict[str, float], title: str, xlabel: str) -> Figur
     return fig
 
 
-def training_curve_figure(rows: list[dict[str, float]], title: str) -> Figure:
+def _points(rows: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+    return [(r["step"], r[key]) for r in rows if _number(r.get(key)) is not None]
+
+
+def metric_family(key: str) -> str:
+    """'val_accuracy' -> 'accuracy', 'unigram_loss' -> 'loss': the panel a metric is drawn on."""
+    for prefix in SPLIT_PREFIXES + (BASELINE_PREFIX,):
+        if key.startswith(prefix) and len(key) > len(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def curve_panels(rows: list[dict[str, Any]], keys: Sequence[str] = CURVE_KEYS) -> dict[str, list[str]]:
+    """Panel -> the metrics drawn on it as curves: "loss" (those of `keys` that were logged)
+    first, then one panel per family of logged keys ending in PANEL_SUFFIXES (train and val
+    of a metric share one), in the order they first appear."""
+    logged = list(dict.fromkeys(k for r in rows for k, v in r.items() if _number(v) is not None))
+    panels: dict[str, list[str]] = {"loss": [k for k in keys if k in logged]}
+    for key in logged:
+        if key.endswith(PANEL_SUFFIXES) and not key.startswith(BASELINE_PREFIX) and key not in keys:
+            panels.setdefault(metric_family(key), []).append(key)
+    return {panel: curves for panel, curves in panels.items() if curves}
+
+
+def training_curve_figure(
+    rows: list[dict[str, Any]],
+    title: str,
+    keys: Sequence[str] = CURVE_KEYS,
+    labels: Mapping[str, str] | None = None,
+    ylabel: str = "loss",
+) -> Figure:
+    """Loss curves (`keys`, legend names from `labels`) and a small panel per accuracy/margin/ppl
+    family, against ``step``. A logged ``unigram_<family>`` is a dashed reference line (its last
+    value) on that family's panel. Save with ``png_bytes(fig)`` or ``png_data_uri(fig)``."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 3.2))
-    ax = fig.subplots()
-    for key in CURVE_KEYS:
-        points = [(r["step"], r[key]) for r in rows if _number(r.get(key)) is not None]
-        if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], label=key, marker="." if len(points) < 50 else None)
-    ax.set_title(title)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
+    panels = curve_panels(rows, keys)
+    baselines = {metric_family(k): k for r in rows for k in r if k.startswith(BASELINE_PREFIX) and _number(r[k]) is not None}
+    widths = [2.0 if panel == "loss" else 1.0 for panel in panels] or [1.0]
+    fig = Figure(figsize=(7 + 3.2 * (len(widths) - 1), 3.2), layout="constrained")  # panels' labels never overlap
+    axes = fig.subplots(1, len(widths), width_ratios=widths, squeeze=False)[0]
+    fig.suptitle(title)
+    if not panels:
+        axes[0].text(0.5, 0.5, "no loss, accuracy or margin logged", ha="center", va="center")
+    for ax, (panel, curves) in zip(axes, panels.items()):
+        for key in curves:
+            points = _points(rows, key)
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=(labels or {}).get(key, key), marker="." if len(points) < 50 else None)
+        if panel in baselines:
+            key = baselines[panel]
+            ax.axhline(_points(rows, key)[-1][1], linestyle="--", color="gray", label=(labels or {}).get(key, key))
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel if panel == "loss" else panel)
+        ax.legend(fontsize=8)
     return fig
+
+
+def metrics_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per step (the train and val records of a step merged, ``kind`` dropped), every
+    column in every row (None where the step did not log it), floats to 5 significant digits:
+    rows for a Prefect table artifact."""
+    by_step: dict[Any, dict[str, Any]] = {}
+    for row in rows:
+        by_step.setdefault(row["step"], {}).update({k: v for k, v in row.items() if k != "kind"})
+    columns = list(dict.fromkeys(k for row in by_step.values() for k in row))
+    rounded = lambda v: float(f"{v:.5g}") if isinstance(v, float) else v  # noqa: E731
+    return [{c: rounded(row.get(c)) for c in columns} for row in by_step.values()]
 
 
 def size_label(info: StageInfo) -> str:
@@ -239,8 +306,9 @@ def size_label(info: StageInfo) -> str:
     return f"{len(info.manifest.get('files', {}))} files, {info.manifest.get('bytes', 0):,} bytes"
 
 
-def lineage_svg(infos: list[StageInfo]) -> str:
-    """Stages as boxes, one row per depth (inputs above), arrows from each input."""
+def lineage_layout(infos: list[StageInfo]) -> dict[str, Any]:
+    """Where templates/lineage.svg.j2 draws each stage box and each input arrow: one row per
+    depth (inputs above), siblings side by side."""
     by_name = {info.name: info for info in infos}
     depth: dict[str, int] = {}
 
@@ -252,38 +320,47 @@ def lineage_svg(infos: list[StageInfo]) -> str:
 
     for info in infos:
         depth_of(info.name)
-    rows: dict[int, list[str]] = {}  # depth -> stages; drawn top to bottom, siblings side by side
+    rows: dict[int, list[str]] = {}
     for info in infos:
         rows.setdefault(depth[info.name], []).append(info.name)
     box_w, box_h, gap_x, gap_y = 190, 58, 30, 30
     pos = {name: (20 + col * (box_w + gap_x), 20 + d * (box_h + gap_y)) for d, names in rows.items() for col, name in enumerate(names)}
-    width = 100 + max((len(v) for v in rows.values()), default=1) * (box_w + gap_x)
-    height = 40 + (max(rows, default=0) + 1) * (box_h + gap_y)
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
-        '<defs><marker id="arrow" markerWidth="8" markerHeight="8" refX="8" refY="4" orient="auto"><path d="M0,0 L8,4 L0,8 z" fill="#555"/></marker></defs>',
-    ]
+    edges = []
     for info in infos:
         x, y = pos[info.name]
         for source in info.input_stages:
             if source in pos:
                 sx, sy = pos[source]
                 if depth[info.name] - depth[source] == 1 or sx != x:
-                    parts.append(f'<line x1="{sx + box_w / 2}" y1="{sy + box_h}" x2="{x + box_w / 2}" y2="{y}" stroke="#555" marker-end="url(#arrow)"/>')
+                    edges.append({"x1": sx + box_w / 2, "y1": sy + box_h, "x2": x + box_w / 2, "y2": y, "bend": None})
                 else:  # skips rows in the same column: bend around the boxes in between
-                    x1, y1, y2 = sx + box_w, sy + box_h / 2, y + box_h / 2
-                    parts.append(f'<path d="M{x1},{y1} C{x1 + 60},{y1} {x1 + 60},{y2} {x1},{y2}" fill="none" stroke="#555" marker-end="url(#arrow)"/>')
-    for name, (x, y) in pos.items():
-        info = by_name[name]
-        parts.append(f'<rect x="{x}" y="{y}" width="{box_w}" height="{box_h}" rx="6" fill="#eef3fb" stroke="#3b7dd8"/>')
-        parts.append(f'<text x="{x + 8}" y="{y + 18}" font-weight="bold">{html.escape(name)}</text>')
-        parts.append(f'<text x="{x + 8}" y="{y + 34}" fill="#444">{html.escape(info.version)}</text>')
-        parts.append(f'<text x="{x + 8}" y="{y + 50}" fill="#444">{html.escape(size_label(info))}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
+                    x1 = sx + box_w
+                    edges.append({"x1": x1, "y1": sy + box_h / 2, "x2": x1, "y2": y + box_h / 2, "bend": x1 + 60})
+    boxes = [{"x": x, "y": y, "name": name, "version": by_name[name].version, "size": size_label(by_name[name])} for name, (x, y) in pos.items()]
+    return {
+        "width": 100 + max((len(v) for v in rows.values()), default=1) * (box_w + gap_x),
+        "height": 40 + (max(rows, default=0) + 1) * (box_h + gap_y),
+        "box_w": box_w,
+        "box_h": box_h,
+        "boxes": boxes,
+        "edges": edges,
+    }
 
 
 # ------------------------------------------------------------------ html
+
+
+@functools.cache
+def templates() -> jinja2.Environment:
+    """The templates in infra/templates, found through the installed package (wheel or checkout)."""
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("lmfoundry.infra", "templates"),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,  # a misspelt name fails loudly instead of rendering empty
+    )
 
 
 def _short(value: Any, limit: int = 300) -> str:
@@ -291,46 +368,50 @@ def _short(value: Any, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + f"… ({len(text):,} characters)"
 
 
-def stats_table(info: StageInfo) -> str:
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(_short(v))}</td></tr>" for k, v in flat_stats(info.stats).items())
-    meta = f"version <code>{html.escape(info.version)}</code>, created {html.escape(str(info.manifest.get('created_at', '?')))}, run <code>{html.escape(str(info.manifest.get('run_id') or '-'))}</code>"
-    return f"<h3>{html.escape(info.name)}</h3><p>{meta}</p><table>{rows or '<tr><td>(no stats)</td></tr>'}</table>"
+def stats_table(info: StageInfo) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "version": info.version,
+        "created": str(info.manifest.get("created_at", "?")),
+        "run_id": str(info.manifest.get("run_id") or "-"),
+        "rows": [(key, _short(value)) for key, value in flat_stats(info.stats).items()],
+    }
 
 
-def render_html(store: Store, pipeline: str, infos: list[StageInfo], title: str) -> str:
-    sections = [f"<h2>Lineage</h2>{lineage_svg(infos)}" if infos else "<p>No committed stages yet: run <code>lmf run</code> first.</p>"]
+def plots(store: Store, infos: list[StageInfo]) -> list[dict[str, str]]:
+    """The report's figures as {heading, alt, src}: funnels first, then each stage's own."""
+    out = []
+
+    def add(heading: str, alt: str, fig: Figure) -> None:
+        out.append({"heading": heading, "alt": alt, "src": png_data_uri(fig)})
+
     docs = [(i.name, doc_count(i)) for i in infos if doc_count(i) is not None]
     if docs:
-        fig = bar_figure([n for n, _ in docs], [v for _, v in docs], "documents after each stage", "documents")
-        sections.append(f'<h2>Documents per stage</h2><img alt="documents funnel" src="{png_data_uri(fig)}">')
+        add("Documents per stage", "documents funnel", bar_figure([n for n, _ in docs], [v for _, v in docs], "documents after each stage", "documents"))
     tokens = [(i.name, token_count(i)) for i in infos if token_count(i) is not None]
     if tokens:
-        fig = bar_figure([n for n, _ in tokens], [v for _, v in tokens], "tokens after each stage", "tokens")
-        sections.append(f'<h2>Tokens per stage</h2><img alt="tokens funnel" src="{png_data_uri(fig)}">')
+        add("Tokens per stage", "tokens funnel", bar_figure([n for n, _ in tokens], [v for _, v in tokens], "tokens after each stage", "tokens"))
     for info in infos:
         sizes = cluster_sizes(info)
         if sizes:
-            fig = histogram_figure(sizes, f"{info.name}: duplicate cluster sizes", "documents in cluster")
-            sections.append(f'<h2>Duplicate clusters ({html.escape(info.name)})</h2><img alt="cluster sizes" src="{png_data_uri(fig)}">')
+            add(f"Duplicate clusters ({info.name})", "cluster sizes", histogram_figure(sizes, f"{info.name}: duplicate cluster sizes", "documents in cluster"))
         pii = pii_by_type(info)
         if pii:
-            fig = bar_figure(list(pii), list(pii.values()), f"{info.name}: PII found per type", "occurrences")
-            sections.append(f'<h2>PII per type ({html.escape(info.name)})</h2><img alt="pii counts" src="{png_data_uri(fig)}">')
+            add(f"PII per type ({info.name})", "pii counts", bar_figure(list(pii), list(pii.values()), f"{info.name}: PII found per type", "occurrences"))
         curve = training_metrics(store, StageRef(stage=info.name, version=info.version, store_url=store.url, digest=info.manifest.get("digest", "")))
         if curve:
-            fig = training_curve_figure(curve, f"{info.name} {info.version}")
-            sections.append(f'<h2>Training curve ({html.escape(info.name)})</h2><img alt="training curve" src="{png_data_uri(fig)}">')
-    sections.append("<h2>Stage stats</h2>" + "".join(stats_table(i) for i in infos))
-    style = (
-        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-        "table{border-collapse:collapse;margin-bottom:1em}td{border:1px solid #ccc;padding:2px 8px;font-size:13px}"
-        "code{background:#f3f3f3;padding:0 3px}img{max-width:100%}"
-    )
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head>"
-        f"<body><h1>{html.escape(title)}</h1><p>store <code>{html.escape(store.url)}</code>, pipeline <code>{html.escape(pipeline)}</code></p>"
-        + "\n".join(sections)
-        + "</body></html>"
+            add(f"Training curve ({info.name})", "training curve", training_curve_figure(curve, f"{info.name} {info.version}"))
+    return out
+
+
+def render_html(store: Store, pipeline: str, infos: list[StageInfo], title: str) -> str:
+    return templates().get_template("report.html.j2").render(
+        title=title,
+        store_url=store.url,
+        pipeline=pipeline,
+        layout=lineage_layout(infos) if infos else None,
+        plots=plots(store, infos),
+        tables=[stats_table(i) for i in infos],
     )
 
 
