@@ -18,7 +18,7 @@ from prefect.context import get_run_context
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
-from lmfoundry.flows.params import DEFAULT_PRESET, Override, Rerun, SnapshotLabel, load_run_config
+from lmfoundry.flows.params import DEFAULT_PRESET, Override, Rerun, SnapshotLabel, load_run_config, start_deployment
 from lmfoundry.flows.pipeline import STAGES
 from lmfoundry.flows.stage_task import MissingUpstream, current_ref, run_stages
 from lmfoundry.infra.snapshots import write_snapshot
@@ -86,17 +86,8 @@ def data_refresh(
         )
     pretrain_run = None
     if changed and then_pretrain:
-        pretrain_run = start_pretrain(preset, list(overrides))
+        pretrain_run = start_deployment(PRETRAIN_DEPLOYMENT, {"preset": preset, "overrides": list(overrides)}, "the data changed")
     return {"snapshot": label, "changed": changed, "ran": result.ran(), "versions": body["stages"], "pretrain_run": pretrain_run}
-
-
-def start_pretrain(preset: str, overrides: list[str]) -> str:
-    """Start (do not wait for) the pretrain deployment on the same preset; returns its flow run id."""
-    from prefect.deployments import run_deployment
-
-    run = run_deployment(PRETRAIN_DEPLOYMENT, parameters={"preset": preset, "overrides": overrides}, timeout=0, as_subflow=False)
-    print(f"started {PRETRAIN_DEPLOYMENT} run {run.id} because the data changed")
-    return str(run.id)
 
 
 def _current_or_none(store, config, name):

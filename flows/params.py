@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -63,3 +63,13 @@ def resolve_preset(preset: str) -> Path:
 
 def load_run_config(preset: str, overrides: list[str]) -> PipelineConfig:
     return load_config(resolve_preset(preset), list(overrides))
+
+
+def start_deployment(name: str, parameters: dict[str, Any], reason: str) -> str:
+    """Start (do not wait for) deployment `name` with `parameters`; returns its flow run id.
+    How one flow chains the next (data refresh -> pretrain -> post-train)."""
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(name, parameters=parameters, timeout=0, as_subflow=False)
+    print(f"started {name} run {run.id} because {reason}")
+    return str(run.id)

@@ -119,7 +119,7 @@ def cmd_show(args) -> int:
 
 def cmd_bench(args) -> int:
     try:
-        module = importlib.import_module(f"bench.{args.name}")
+        module = importlib.import_module(f"lmfoundry.bench.{args.name}")
     except ModuleNotFoundError:
         import pkgutil
 
@@ -132,9 +132,9 @@ def cmd_bench(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    """`lmf eval NAME ...` runs tasks/<NAME>_eval.py's main(argv), e.g. `lmf eval pii labelled.jsonl`."""
+    """`lmf eval NAME ...` runs tasks/<NAME>/evaluate.py's main(argv), e.g. `lmf eval pii labelled.jsonl`."""
     try:
-        module = importlib.import_module(f"tasks.{args.name}_eval")
+        module = importlib.import_module(f"lmfoundry.tasks.{args.name}.evaluate")
     except ModuleNotFoundError:
         print(f"unknown evaluation '{args.name}'", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ from lmfoundry.infra.store import Store
 from tests.flows.corpus import make_corpus, write_preset
 from tests.flows.server import REPO, VENV_BIN, wait_for
 
-NAMES = ["data-refresh", "pretrain", "end-to-end"]
+NAMES = ["data-refresh", "pretrain", "post-train", "end-to-end"]
 
 
 def test_deploy_registers_pools_limit_and_deployments_that_a_worker_runs(prefect_server, tmp_path):
@@ -36,7 +36,7 @@ def test_deploy_registers_pools_limit_and_deployments_that_a_worker_runs(prefect
             assert client.read_global_concurrency_limit_by_name("gpu-slots").limit == 2
 
             deployments = {d.name: d for d in client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=NAMES)))}
-            assert {name: deployments[name].work_pool_name for name in NAMES} == {"data-refresh": "cpu", "pretrain": "gpu", "end-to-end": "gpu"}
+            assert {name: deployments[name].work_pool_name for name in NAMES} == {"data-refresh": "cpu", "pretrain": "gpu", "post-train": "gpu", "end-to-end": "gpu"}
             refresh = deployments["data-refresh"]
             assert refresh.schedules[0].schedule.cron == "0 3 * * *"
             schema = refresh.parameter_openapi_schema
@@ -44,6 +44,8 @@ def test_deploy_registers_pools_limit_and_deployments_that_a_worker_runs(prefect
             assert schema["definitions"]["StageName"]["enum"] == STAGE_NAMES
             assert refresh.parameters["preset"] == str(preset)
             assert deployments["end-to-end"].parameters["config"]["store"]["url"] == str(tmp_path / "store")
+            assert deployments["pretrain"].parameters["then_posttrain"] is True  # pretrain chains post-train
+            assert "rerun" in deployments["post-train"].parameter_openapi_schema["properties"]
 
             run = client.create_flow_run_from_deployment(refresh.id, parameters={"snapshot": "from-worker"})
             worker = subprocess.run(
@@ -72,7 +74,7 @@ def test_deployment_file_errors_name_the_fix(tmp_path):
 
     assert parse_schedule_option("data-refresh=0 */6 * * *") == ("data-refresh", {"cron": "0 */6 * * *"})
     assert parse_schedule_option("data-refresh=30") == ("data-refresh", {"interval": 30.0})
-    with pytest.raises(DeploymentFileError, match="defines: data-refresh, pretrain, end-to-end"):
+    with pytest.raises(DeploymentFileError, match="defines: data-refresh, pretrain, post-train, end-to-end"):
         runner_deployments(only=["nope"])
     with pytest.raises(DeploymentFileError, match="does not exist"):
         runner_deployments(tmp_path / "missing.yaml")

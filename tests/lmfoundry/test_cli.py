@@ -148,3 +148,17 @@ def test_sigkill_during_exact_dedup_then_rerun_resumes_byte_identically(project,
     assert lmf(["run", "--config", str(config), "--until", "exact_dedup", "--set", f"store.url={clean_store}"], api).returncode == 0
     assert data_digests(manifests(clean_store, "exact_dedup")[0]) == data_digests(dedup)
     assert Store(str(store_dir)).is_committed("exact_dedup", dedup["version"])
+
+
+def test_bench_and_eval_find_their_modules_by_name(tmp_path, capsys):
+    """`lmf bench NAME` and `lmf eval NAME` import lmfoundry.bench.NAME / lmfoundry.tasks.NAME.evaluate."""
+    from lmfoundry.cli import main
+
+    assert main(["bench", "nope"]) == 2
+    listed = capsys.readouterr().err
+    assert "available:" in listed and "dedup" in listed and "_common" not in listed
+    assert main(["eval", "nope"]) == 2
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text('{"text": "mail bob@example.org now", "spans": [{"entity_type": "EMAIL_ADDRESS", "start": 5, "end": 20}]}\n')
+    assert main(["eval", "pii", str(labelled), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["EMAIL"]["f1"] == 1.0
