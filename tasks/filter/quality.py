@@ -41,7 +41,6 @@ import heapq
 import json
 import logging
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -56,7 +55,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel
 
 from lmfoundry.infra.files import InputError
-from lmfoundry.infra.config import REPO_ROOT, ComputeConfig, PipelineConfig, QualityClassifierConfig, expand_path
+from lmfoundry.infra.config import REPO_ROOT, ComputeConfig, QualityClassifierConfig, expand_path
 from lmfoundry.infra.docs import DATA_PREFIX, DOC_SCHEMA, shard_name, doc_shards
 from lmfoundry.infra.parallel import map_pending
 from lmfoundry.infra.store import StageDir, StageRef
