@@ -6,7 +6,8 @@ FILE is JSONL, one labelled text per line, in the span format of Presidio's eval
 
     {"text": "Mail bob@example.org", "spans": [{"entity_type": "EMAIL_ADDRESS", "start": 5, "end": 20}]}
 
-(``full_text`` / ``start_position`` / ``end_position`` are accepted too). Presidio's entity
+(``full_text`` / ``start_position`` / ``end_position`` are accepted too, and ``type`` for
+``entity_type``). Presidio's entity
 names are mapped to ours: EMAIL_ADDRESS->EMAIL, PHONE_NUMBER->PHONE, IP_ADDRESS->IP,
 IBAN_CODE->IBAN, ORG->ORGANIZATION, GPE/LOC->LOCATION.
 
@@ -117,9 +118,10 @@ def parse_record(obj: Any, where: str) -> LabelledText:
         try:
             start = int(raw.get("start", raw.get("start_position")))
             end = int(raw.get("end", raw.get("end_position")))
-            span = GoldSpan(canonical_type(str(raw["entity_type"])), start, end)
+            kind = raw["entity_type"] if "entity_type" in raw else raw["type"]  # both spellings are common
+            span = GoldSpan(canonical_type(str(kind)), start, end)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise LabelError(f"{where}: span {i} needs entity_type, start and end ({exc!r})") from exc
+            raise LabelError(f"{where}: span {i} needs entity_type (or type), start and end ({exc!r})") from exc
         if not 0 <= start < end <= len(text):
             raise LabelError(f"{where}: span {i} [{start}, {end}) lies outside the text of length {len(text)}")
         spans.append(span)

@@ -1,7 +1,8 @@
 """Stage `pii_scrub`: replace e-mails, phone numbers, IPs, cards, IBANs, SSNs and secrets in every document.
 
 Run alone: ``lmf run --until pii_scrub``. Measure the detectors on labelled text:
-``lmf eval pii FILE`` (tasks/pii/evaluate.py); the detectors themselves live in tasks/pii/detectors.py.
+``lmf eval pii FILE`` (tasks/pii/evaluate.py); the detectors themselves live in tasks/pii/detectors.py,
+the replacement in tasks/pii/replace.py.
 
 Per input shard i (output shard i mirrors it, documents in the same order):
 
@@ -40,9 +41,10 @@ from lmfoundry.infra.config import ComputeConfig, PiiConfig
 from lmfoundry.infra.docs import DOC_SCHEMA, shard_name, doc_shards
 from lmfoundry.infra.parallel import map_pending
 from lmfoundry.infra.store import StageDir, StageRef
-from lmfoundry.tasks.pii.detectors import PiiSpan, Replacer, key_fingerprint, mask_value, replace_spans, scanner_for
+from lmfoundry.tasks.pii.detectors import PiiSpan, scanner_for
+from lmfoundry.tasks.pii.replace import Replacer, key_fingerprint, mask_value, replace_spans
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: bracketed phones, 4-4-4-3 cards, IPv6 after a label, no phones in card-like digits
 MAX_ROUNDS = 3
 CONTEXT_CHARS = 40
 

@@ -7,7 +7,8 @@ import pytest
 
 from lmfoundry.bench.pii import labelled_sentences
 from lmfoundry.infra.config import ConfigError, PiiConfig, build_config
-from lmfoundry.tasks.pii.detectors import MissingKeyError, Replacer, find_pii, mask_value, scrub_text
+from lmfoundry.tasks.pii.detectors import find_pii
+from lmfoundry.tasks.pii.replace import MissingKeyError, Replacer, mask_value, scrub_text
 from lmfoundry.tasks.pii.evaluate import GoldSpan, Scores, evaluate, main, match_text, parse_record
 
 KEY = "test-key-0123456789abcdef"

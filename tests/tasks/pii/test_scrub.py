@@ -9,7 +9,8 @@ from lmfoundry.infra.config import PipelineConfig, build_config
 from lmfoundry.infra.docs import iter_docs
 from lmfoundry.infra.faults import InjectedFault
 from lmfoundry.infra.stage import StageSpec, run_stage
-from lmfoundry.tasks.pii.detectors import MissingKeyError, find_pii
+from lmfoundry.tasks.pii.detectors import find_pii
+from lmfoundry.tasks.pii.replace import MissingKeyError
 from tests.helpers import commit_docs, docs
 
 SPEC = StageSpec("pii_scrub", "lmfoundry.tasks.pii.scrub:run_pii_scrub", section="pii", inputs=("fixture_docs",))
