@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from lmfoundry.infra.config_posttrain import DpoConfig, PreferenceDataConfig, RewardModelConfig, SftConfig, SftDataConfig
 from lmfoundry.infra.config_base import EXECUTION_KEY, Section, execution  # noqa: F401  (re-exported)
+from lmfoundry.infra.config_train import TrainRecipe
 
 
 # --------------------------------------------------------------------------- store / compute
@@ -385,58 +386,15 @@ class ModelConfig(Section):
         return self
 
 
-class PretrainConfig(Section):
+class PretrainConfig(TrainRecipe):
     """Issue 8: DeepSpeed pretraining (model/train.py, dispatched by tasks/train/pretrain.py).
 
-    Optimisation fields are identity; `distributed` (ranks, launcher, ZeRO stage, device) only
+    The fields are the training recipe every training stage shares (infra/config_train.py):
+    optimisation fields are identity; `distributed` (ranks, launcher, ZeRO stage, device) only
     changes how the same global batch is computed, so it is an execution knob.
     """
 
-    class Distributed(Section):
-        """How the training runs: the only part to change to move from CPU to GPUs or nodes."""
-
-        launcher: Literal["deepspeed", "torchrun"] = Field("deepspeed", description="launcher that starts the ranks")
-        procs: int = Field(1, ge=1, description="ranks per node (GPUs per node, or CPU processes)")
-        hostfile: str | None = Field(None, description="DeepSpeed hostfile for several nodes (then work_dir must be shared)")
-        accelerator: Literal["cpu", "cuda"] = Field("cpu", description="device of each rank (DS_ACCELERATOR)")
-        backend: Literal["gloo", "nccl"] = Field("gloo", description="collective backend: gloo on CPU, nccl on GPUs")
-        zero_stage: int = Field(1, ge=0, le=3, description="ZeRO stage: 0 off, 1 optimizer state, 2 + gradients, 3 + parameters")
-        offload_optimizer: bool = Field(False, description="keep optimizer state on CPU (DeepSpeedCPUAdam, JIT-built once)")
-        activation_checkpointing: bool = Field(False, description="recompute each block's activations in backward to save memory")
-        micro_batch_size: int = Field(0, ge=0, description="samples per rank per forward; 0: the whole per-rank batch (no accumulation)")
-        cpu_threads: int = Field(
-            1, ge=0, description="torch threads per CPU rank (OMP_NUM_THREADS); 0: cores / procs. Small models train fastest on 1, and threads spin against other busy processes"
-        )
-        peak_tflops: float = Field(1.0, gt=0, description="peak dense TFLOP/s of one device, the denominator of MFU (H100 bf16: 989)")
-        master_port: int = Field(0, ge=0, description="rendezvous port; 0: a free one")
-        work_dir: str | None = Field(None, description="local scratch for checkpoints before upload; None: a temporary directory")
-        keep_checkpoints: int = Field(1, ge=1, description="committed checkpoints kept in the stage (older ones are removed)")
-        timeout_s: float = Field(0, ge=0, description="fail the training after this long (0: no limit)")
-
-    steps: int = Field(200, ge=1, description="optimizer steps")
-    global_batch_size: int = Field(8, ge=1, description="samples per optimizer step over all ranks (must divide into ranks x micro batches)")
-    lr: float = Field(3e-3, gt=0, description="peak learning rate; the default suits the tiny demo model (the seed's large presets use 1e-4)")
-    min_lr: float = Field(3e-5, ge=0, description="floor the cosine decays to (seed: 1e-6)")
-    warmup_steps: int = Field(10, ge=0)
-    weight_decay: float = Field(0.1, ge=0, description="AdamW decay of matrices (norms are not decayed)")
-    betas: tuple[float, float] = (0.9, 0.95)
-    adam_eps: float = Field(1e-8, gt=0)
-    grad_clip: float = Field(1.0, ge=0, description="global gradient norm clip (0: off)")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp16 uses dynamic loss scaling")
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing (seed: 0.1)")
-    seed: int = Field(0, description="initialisation and data order")
-    export_hf: bool = Field(True, description="write a Hugging Face LlamaForCausalLM export (dense models only)")
-    log_every: int = execution(10, ge=1, description="steps between metric lines")
-    eval_every: int = execution(100, ge=1, description="steps between validation passes (and one at the end)")
-    eval_samples: int = execution(256, ge=1, description="validation samples per pass (capped by the val split)")
-    checkpoint_every: int = execution(100, ge=1, description="steps between committed checkpoints (and one at the end)")
-    distributed: Distributed = execution(Distributed())
-
-    @model_validator(mode="after")
-    def _check_schedule(self) -> "PretrainConfig":
-        if self.min_lr > self.lr:
-            raise ValueError(f"pretrain.min_lr {self.min_lr} is above pretrain.lr {self.lr}")
-        return self
+    section_name = "pretrain"
 
 
 # --------------------------------------------------------------------------- root

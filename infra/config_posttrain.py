@@ -5,7 +5,10 @@ kept in its own file so the tree stays readable.
 """
 from __future__ import annotations
 
-from lmfoundry.infra.config_base import Section
+from pydantic import Field, model_validator
+
+from lmfoundry.infra.config_base import Section, execution
+from lmfoundry.infra.config_train import TrainRecipe
 
 
 class SftDataConfig(Section):
@@ -16,13 +19,60 @@ class PreferenceDataConfig(Section):
     """Preference pairs -> templated, tokenized Arrow shards (tasks/chat/preference_data.py)."""
 
 
-class SftConfig(Section):
-    """Supervised fine-tuning from the pretrained model (tasks/train/sft.py)."""
+class SftConfig(TrainRecipe):
+    """Supervised fine-tuning from the pretrained model (tasks/train/sft.py): loss on assistant
+    tokens only, packed conversations attend only within themselves. The recipe fields are the
+    same as pretrain's (infra/config_train.py); the defaults suit the tiny demo model."""
+
+    section_name = "sft"
+
+    enabled: bool = True
+    steps: int = Field(40, ge=1, description="optimizer steps")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate; below pretraining's (the demo pretrains at 3e-3; large models fine-tune at ~1e-5)")
+    min_lr: float = Field(1e-5, ge=0, description="floor the cosine decays to")
+    warmup_steps: int = Field(4, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decay of matrices (norms are not decayed)")
+    log_every: int = execution(5, ge=1, description="steps between metric lines")
+    eval_every: int = execution(20, ge=1, description="steps between validation passes (and one at the end)")
+    checkpoint_every: int = execution(20, ge=1, description="steps between committed checkpoints (and one at the end)")
 
 
-class RewardModelConfig(Section):
-    """Bradley-Terry reward model on the SFT model (tasks/train/reward_model.py)."""
+class _PreferenceRecipe(TrainRecipe):
+    """The recipe defaults of the two preference stages (batch = pairs)."""
+
+    enabled: bool = True
+    steps: int = Field(40, ge=1, description="optimizer steps")
+    global_batch_size: int = Field(8, ge=1, description="preference pairs per optimizer step over all ranks")
+    min_lr: float = Field(1e-5, ge=0, description="floor the cosine decays to")
+    warmup_steps: int = Field(4, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decay of matrices (norms are not decayed)")
+    log_every: int = execution(5, ge=1, description="steps between metric lines")
+    eval_every: int = execution(20, ge=1, description="steps between validation passes (and one at the end)")
+    checkpoint_every: int = execution(20, ge=1, description="steps between committed checkpoints (and one at the end)")
+
+    @model_validator(mode="after")
+    def _no_label_smoothing(self) -> "_PreferenceRecipe":
+        if self.label_smoothing:
+            raise ValueError(f"{self.section_name}.label_smoothing applies to token cross-entropy only; leave it at 0 here")
+        return self
 
 
-class DpoConfig(Section):
-    """Direct preference optimisation from the SFT model (tasks/train/dpo.py)."""
+class RewardModelConfig(_PreferenceRecipe):
+    """Bradley-Terry reward model on the SFT model (tasks/train/reward_model.py): a scalar head
+    on the final hidden state, scored at each reply's last token."""
+
+    section_name = "reward_model"
+
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    margin: float = Field(0.0, description="the chosen reward must win by this much: loss = -log sigmoid(r_c - r_r - margin)")
+    center_coef: float = Field(0.0, ge=0, description="adds center_coef * mean((r_c + r_r)^2), keeping rewards near zero mean (TRL's center_rewards_coefficient, e.g. 0.01)")
+
+
+class DpoConfig(_PreferenceRecipe):
+    """Direct preference optimisation from the SFT model (tasks/train/dpo.py), against the frozen
+    SFT model's log-probs computed once before training."""
+
+    section_name = "dpo"
+
+    lr: float = Field(5e-4, gt=0, description="peak learning rate; below SFT's (large models use ~5e-7)")
+    beta: float = Field(0.1, gt=0, description="strength of the implicit KL penalty: larger keeps the policy closer to the SFT model")

@@ -51,17 +51,19 @@ class LoaderError(ValueError):
     """The token shards cannot be loaded as asked (missing split, empty split, wrong shapes)."""
 
 
-def map_token_file(path: str, width: int) -> list[np.ndarray]:
-    """Zero-copy [rows, width] views of every record batch of one Arrow token file."""
+def map_token_file(path: str, width: int, column: str = TOKENS_COLUMN) -> list[np.ndarray]:
+    """Zero-copy [rows, width] views of every record batch of one Arrow token file (of one fixed-width column)."""
     reader = pa.ipc.open_file(pa.memory_map(path, "r"))
-    column_type = reader.schema.field(TOKENS_COLUMN).type
+    if reader.schema.get_field_index(column) < 0:
+        raise LoaderError(f"{path} has no column '{column}' (it has {reader.schema.names}); re-run the stage that wrote it")
+    column_type = reader.schema.field(column).type
     if not pa.types.is_fixed_size_list(column_type) or column_type.list_size != width:
-        raise LoaderError(f"{path}: column '{TOKENS_COLUMN}' is {column_type}, expected fixed_size_list[{width}]; re-run the tokenize stage")
+        raise LoaderError(f"{path}: column '{column}' is {column_type}, expected fixed_size_list[{width}]; re-run the stage that wrote it")
     blocks = []
     for i in range(reader.num_record_batches):
-        column = reader.get_batch(i).column(TOKENS_COLUMN)
-        if len(column):
-            blocks.append(column.flatten().to_numpy(zero_copy_only=True).reshape(len(column), width))
+        column_data = reader.get_batch(i).column(column)
+        if len(column_data):
+            blocks.append(column_data.flatten().to_numpy(zero_copy_only=True).reshape(len(column_data), width))
     return blocks
 
 
@@ -106,6 +108,7 @@ class TokenLoader:
         start_sample: int = 0,
         shuffle: bool = True,
         index: dict[str, Any] | None = None,
+        column: str = TOKENS_COLUMN,
     ):
         if batch_size < 1:
             raise LoaderError(f"batch_size must be >= 1, got {batch_size}")
@@ -116,7 +119,7 @@ class TokenLoader:
         self.seed, self.shuffle = seed, shuffle
         self.position = start_sample
         self.index = index or {}
-        self.blocks = [block for path in files for block in map_token_file(path, seq_len + 1)]
+        self.blocks = [block for path in files for block in map_token_file(path, seq_len + 1, column)]
         if len({block.dtype for block in self.blocks}) > 1:
             raise LoaderError(f"token files {files} mix dtypes {sorted({str(b.dtype) for b in self.blocks})}; they must come from one tokenize stage")
         sizes = np.array([len(b) for b in self.blocks], dtype=np.int64)
@@ -141,6 +144,7 @@ class TokenLoader:
         world_size: int = 1,
         start_sample: int = 0,
         shuffle: bool = True,
+        column: str = TOKENS_COLUMN,
     ) -> "TokenLoader":
         reader = store.reader(ref)
         index = reader.read_json(INDEX_FILE)
@@ -155,7 +159,7 @@ class TokenLoader:
         files = [reader.local_path(entry["path"]) for entry in entries]
         loader = cls(
             files, index["seq_len"], batch_size, seed=seed, rank=rank, world_size=world_size,
-            start_sample=start_sample, shuffle=shuffle, index=index,
+            start_sample=start_sample, shuffle=shuffle, index=index, column=column,
         )
         expected = sum(entry["samples"] for entry in entries)
         if loader.num_samples != expected:

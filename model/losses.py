@@ -26,13 +26,15 @@ class LMLoss:
     aux: torch.Tensor  # MoE balance loss (detached), 0 for dense models
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """logits [B, T, V], targets [B, T] -> mean token cross-entropy, computed in fp32."""
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+    """logits [B, T, V], targets [B, T] -> mean (or "sum") token cross-entropy over the targets
+    that are not IGNORE_INDEX, computed in fp32."""
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(),
         targets.reshape(-1),
         ignore_index=IGNORE_INDEX,
         label_smoothing=label_smoothing,
+        reduction=reduction,
     )
 
 

@@ -1,0 +1,422 @@
+"""What a training run optimises: pretrain, sft, reward, dpo. The run loop (model/train.py) owns
+everything else: DeepSpeed engine, checkpoints, exact resume, metrics, divergence stop, cadence.
+
+An objective is built from the job and the running Trainer (ranks, device, collectives) and
+provides, in the order the loop calls them::
+
+    loaders(store) -> (train, val)       train: next() per micro batch, state_dict/load_state_dict;
+                                          val: eval_batches()
+    build_model() -> nn.Module           after torch.manual_seed(recipe.seed); .cfg is a ModelConfig
+    prepare(engine)                      before training and before a resume (DPO: reference log-probs)
+    begin_step(batches)                  the step's micro batches on this rank (SFT: token normaliser)
+    loss(engine, batch) -> (total, metrics)   per micro batch; metrics names are `metrics` + "tokens"
+    evaluate(engine) -> dict             held-out numbers, reduced over ranks
+    finalize(engine) -> dict             after training, on every rank (reward mean / std)
+    save(state_dict, directory, extra)   rank 0: the final fp32 weights in our format
+
+Per-step metrics are averaged over micro batches and ranks, except "tokens", which is summed.
+Run a job with ``python -m lmfoundry.model.train --job job.json`` (see model/train.py).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmfoundry.infra.store import Store
+from lmfoundry.model.chat_loader import PreferenceLoader, SftLoader, segment_ids
+from lmfoundry.model.heads import RewardModel, save_reward_model
+from lmfoundry.model.loader import LoaderError, TokenLoader
+from lmfoundry.model.losses import IGNORE_INDEX, cross_entropy, dpo_loss, lm_loss, masked_targets, reward_loss, sequence_logprobs, split_batch
+from lmfoundry.model.transformer import Transformer, load_model, resolve, save_model
+
+REFERENCE_DIR = "reference"  # DPO: the frozen model's log-probs, beside the checkpoints in the work dir
+COMPLETE = "COMPLETE.json"
+
+
+class Objective:
+    name = ""
+    metrics: tuple[str, ...] = ("loss",)
+
+    def __init__(self, job, trainer):
+        self.job, self.t, self.cfg = job, trainer, job.recipe
+        self.options = job.options
+
+    # ------------------------------------------------------------------ defaults
+    def prepare(self, engine) -> None:
+        pass
+
+    def begin_step(self, batches: list) -> None:
+        pass
+
+    def finalize(self, engine) -> dict[str, Any]:
+        return {}
+
+    def save(self, state: dict[str, torch.Tensor], directory: Path, extra: dict[str, Any]) -> None:
+        save_model(state, self.model_cfg, directory)
+
+    # ------------------------------------------------------------------ shared pieces
+    def init_model(self) -> Transformer:
+        """The model to start from (a directory in our format), checked against the data's vocabulary."""
+        if not self.job.init_from:
+            raise ValueError(f"the {self.name} objective starts from a trained model: the job needs init_from (a directory with model.safetensors)")
+        model = load_model(self.job.init_from)
+        data_vocab = self.loader.index.get("vocab_size")
+        if data_vocab and data_vocab > model.cfg.vocab_size:
+            raise ValueError(
+                f"{self.job.data.stage}/{self.job.data.version} uses a vocabulary of {data_vocab} tokens but the model in "
+                f"{self.job.init_from} has {model.cfg.vocab_size}: train both from the same train_tokenizer stage"
+            )
+        return model
+
+    def capped(self, loader, eval_samples: int):
+        """loader.eval_batches() up to eval_samples samples; every rank stops at the same batch."""
+        seen = 0
+        for batch in loader.eval_batches():
+            if seen >= eval_samples:
+                break
+            seen += loader.global_batch
+            yield batch
+
+    @property
+    def aux_weight(self) -> float:
+        return self.model_cfg.moe_aux_weight if self.model_cfg.moe_experts else 0.0
+
+
+# ---------------------------------------------------------------------- pretraining
+
+
+def unigram_log_probs(blocks: list[np.ndarray], vocab_size: int, pad_id: int | None, max_tokens: int = 50_000_000) -> torch.Tensor:
+    """log p(token) from training-token frequencies (add-one smoothed): the context-free baseline."""
+    counts = np.ones(vocab_size, dtype=np.float64)
+    seen = 0
+    for block in blocks:
+        if seen >= max_tokens:
+            break
+        flat = np.asarray(block).ravel()[: max_tokens - seen]
+        counts += np.bincount(flat, minlength=vocab_size)[:vocab_size]
+        seen += flat.size
+    if pad_id is not None and pad_id < vocab_size:
+        counts[pad_id] = 1.0
+    return torch.from_numpy(np.log(counts / counts.sum()))
+
+
+def lm_batch_loss(engine, batch: torch.Tensor, pad_id: int | None, label_smoothing: float, aux_weight: float):
+    """Next-token loss of one token batch [B, T + 1] (padding targets ignored) -> (total, metrics)."""
+    inputs, targets = split_batch(batch.to(engine.device), pad_id)
+    logits, aux = engine(inputs)
+    loss = lm_loss(logits, targets, label_smoothing, aux, aux_weight)
+    return loss.total, {"loss": loss.total.detach(), "ce": loss.ce, "aux": loss.aux, "tokens": inputs.numel()}
+
+
+class Pretrain(Objective):
+    """Next-token prediction on the tokenize stage's shards, from random weights (job.model's shape)."""
+
+    name = "pretrain"
+    metrics = ("loss", "ce", "aux")
+
+    def loaders(self, store: Store):
+        t = self.t
+        self.loader = TokenLoader.from_stage(store, self.job.data, "train", batch_size=t.micro, seed=self.cfg.seed, rank=t.rank, world_size=t.world)
+        self.val = TokenLoader.from_stage(store, self.job.data, "val", batch_size=t.micro, rank=t.rank, world_size=t.world, shuffle=False)
+        self.pad_id, self.seq_len = self.loader.pad_id, self.loader.seq_len
+        return self.loader, self.val
+
+    def build_model(self) -> Transformer:
+        if self.job.model is None:
+            raise ValueError("a pretrain job needs the model's shape (job.model)")
+        self.model_cfg = resolve(self.job.model, self.loader.index["vocab_size"])
+        model = Transformer(self.model_cfg)
+        self.unigram = unigram_log_probs(self.loader.blocks, self.model_cfg.vocab_size, self.pad_id).to(self.t.device)
+        return model
+
+    def loss(self, engine, batch):
+        return lm_batch_loss(engine, batch, self.pad_id, self.cfg.label_smoothing, self.job.model.moe_aux_weight)
+
+    @torch.no_grad()
+    def evaluate(self, engine) -> dict[str, float]:
+        """Token-weighted cross-entropy over up to eval_samples validation samples."""
+        device = self.t.device
+        total = torch.zeros(3, dtype=torch.float64, device=device)  # summed CE, tokens, summed unigram CE
+        for batch in self.capped(self.val, self.cfg.eval_samples):
+            inputs, targets = split_batch(batch.to(device), self.pad_id)
+            logits, _ = engine(inputs)  # runs even on an empty batch: ZeRO-3 gathers need every rank
+            if targets.numel():
+                flat = cross_entropy(logits, targets, reduction="sum")
+                scored = targets[targets != IGNORE_INDEX]
+                total += torch.stack([flat.double(), torch.tensor(float(scored.numel()), dtype=torch.float64, device=device), -self.unigram[scored].sum()])
+        self.t.dist.all_reduce(total)
+        val_loss = (total[0] / total[1].clamp(min=1)).item()
+        unigram_loss = (total[2] / total[1].clamp(min=1)).item()
+        return {
+            "val_loss": val_loss,
+            "val_ppl": math.exp(min(val_loss, 50.0)),
+            "unigram_loss": unigram_loss,
+            "unigram_ppl": math.exp(min(unigram_loss, 50.0)),
+            "val_tokens": int(total[1].item()),
+        }
+
+
+# ---------------------------------------------------------------------- supervised fine-tuning
+
+
+def assistant_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """logits [B, T, V], targets [B, T], mask [B, T] (1 = assistant target) -> summed cross-entropy
+    over the masked targets; every other target contributes nothing and gets zero gradient."""
+    return cross_entropy(logits, masked_targets(targets, mask), label_smoothing, reduction="sum")
+
+
+class Sft(Objective):
+    """Cross-entropy on assistant tokens only, packed conversations isolated by segment masks.
+
+    The loss of a step is the mean over all assistant tokens of the global batch (every micro
+    batch and rank), like a single big batch: begin_step counts them once per step."""
+
+    name = "sft"
+    metrics = ("loss", "ce", "aux")
+
+    def loaders(self, store: Store):
+        t = self.t
+        self.loader = SftLoader.from_stage(store, self.job.data, "train", batch_size=t.micro, seed=self.cfg.seed, rank=t.rank, world_size=t.world)
+        self.val = SftLoader.from_stage(store, self.job.data, "val", batch_size=t.micro, rank=t.rank, world_size=t.world, shuffle=False)
+        self.seq_len = self.loader.seq_len
+        return self.loader, self.val
+
+    def build_model(self) -> Transformer:
+        model = self.init_model()
+        self.model_cfg = model.cfg
+        return model
+
+    def begin_step(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        targets = float(sum(int(b["loss_mask"][:, 1:].sum()) for b in batches))
+        total = self.t.all_sum([targets])[0]
+        # DeepSpeed averages micro batches and ranks: scale each micro batch's sum so the result is the global mean
+        self.normaliser = max(total, 1.0) / (len(batches) * self.t.world)
+
+    def forward(self, engine, batch: dict[str, torch.Tensor]):
+        device = self.t.device
+        tokens, mask, positions = (batch[k].to(device) for k in ("tokens", "loss_mask", "positions"))
+        inputs, pos = tokens[:, :-1], positions[:, :-1]
+        logits, aux = engine(inputs, pos, segment_ids(pos))
+        return logits, aux, tokens[:, 1:], mask[:, 1:], inputs.numel()
+
+    def loss(self, engine, batch):
+        logits, aux, targets, mask, n_tokens = self.forward(engine, batch)
+        smoothed = assistant_ce(logits, targets, mask, self.cfg.label_smoothing) / self.normaliser
+        if self.cfg.label_smoothing:
+            with torch.no_grad():
+                plain = assistant_ce(logits, targets, mask) / self.normaliser
+        else:
+            plain = smoothed.detach()
+        total = smoothed + self.aux_weight * aux if self.aux_weight else smoothed
+        return total, {"loss": total.detach(), "ce": plain, "aux": aux.detach(), "tokens": n_tokens}
+
+    @torch.no_grad()
+    def evaluate(self, engine) -> dict[str, float]:
+        """Held-out cross-entropy per assistant token (and its perplexity)."""
+        total = torch.zeros(2, dtype=torch.float64, device=self.t.device)  # summed CE, assistant tokens
+        for batch in self.capped(self.val, self.cfg.eval_samples):
+            logits, _, targets, mask, _ = self.forward(engine, batch)
+            if targets.numel():
+                total += torch.stack([assistant_ce(logits, targets, mask).double(), mask.sum().double()])
+        self.t.dist.all_reduce(total)
+        val_loss = (total[0] / total[1].clamp(min=1)).item()
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_tokens": int(total[1].item())}
+
+
+# ---------------------------------------------------------------------- preference objectives
+
+
+class _Pairs(Objective):
+    def loaders(self, store: Store):
+        t = self.t
+        self.loader = PreferenceLoader.from_stage(store, self.job.data, "train", batch_size=t.micro, seed=self.cfg.seed, rank=t.rank, world_size=t.world)
+        self.val = PreferenceLoader.from_stage(store, self.job.data, "val", batch_size=t.micro, rank=t.rank, world_size=t.world, shuffle=False)
+        self.seq_len = self.loader.seq_len
+        return self.loader, self.val
+
+    def reduce_pairs(self, sums: torch.Tensor, names: tuple[str, ...]) -> dict[str, float]:
+        """Per-pair sums (the last one the pair count), all-reduced -> held-out means named val_<name>."""
+        self.t.dist.all_reduce(sums)
+        count = max(sums[-1].item(), 1.0)
+        out = {f"val_{name}": (sums[i] / count).item() for i, name in enumerate(names)}
+        out["val_pairs"] = int(sums[-1].item())
+        return out
+
+
+class Reward(_Pairs):
+    """Bradley-Terry reward model: body from the SFT model, a scalar head at each side's last token."""
+
+    name = "reward"
+    metrics = ("loss", "accuracy", "margin", "aux")
+
+    def build_model(self) -> RewardModel:
+        policy = self.init_model()
+        self.model_cfg = policy.cfg
+        return RewardModel.from_policy(policy)  # the head draws from the seeded torch RNG
+
+    def scores(self, engine, batch):
+        tokens, lengths = batch["tokens"].to(self.t.device), batch["lengths"].to(self.t.device)
+        scores, aux = engine(tokens, lengths)  # [2n]
+        n = tokens.shape[0] // 2
+        return scores[:n], scores[n:], aux, tokens.numel()
+
+    def pair_loss(self, chosen, rejected):
+        margin = self.options.get("margin", 0.0)
+        return reward_loss(chosen, rejected, margin if margin else None, self.options.get("center_coef", 0.0))
+
+    def loss(self, engine, batch):
+        chosen, rejected, aux, n_tokens = self.scores(engine, batch)
+        loss = self.pair_loss(chosen, rejected)
+        total = loss + self.aux_weight * aux if self.aux_weight else loss
+        diff = (chosen - rejected).detach()
+        return total, {"loss": total.detach(), "accuracy": (diff > 0).float().mean(), "margin": diff.mean(), "aux": aux.detach(), "tokens": n_tokens}
+
+    @torch.no_grad()
+    def evaluate(self, engine) -> dict[str, float]:
+        """Held-out pairwise accuracy (chosen scored above rejected), mean margin, and the accuracy
+        of the length-only baseline (the longer reply wins, a tie counts half)."""
+        sums = torch.zeros(7, dtype=torch.float64, device=self.t.device)
+        for batch in self.capped(self.val, self.cfg.eval_samples):
+            chosen, rejected, _, _ = self.scores(engine, batch)
+            n = chosen.numel()
+            if n:
+                lengths = batch["lengths"].to(self.t.device)
+                longer = torch.sign(lengths[:n] - lengths[n:]).double()
+                # every term of the loss is a mean over pairs: times n it is the per-pair sum
+                sums += torch.stack([
+                    self.pair_loss(chosen, rejected).double() * n, (chosen > rejected).double().sum(), (chosen - rejected).double().sum(),
+                    chosen.double().sum(), rejected.double().sum(), ((longer + 1) / 2).sum(), torch.tensor(float(n), dtype=torch.float64, device=sums.device),
+                ])
+        return self.reduce_pairs(sums, ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward", "length_baseline_accuracy"))
+
+    @torch.no_grad()
+    def finalize(self, engine) -> dict[str, Any]:
+        """Mean and std of the final model's rewards over every training reply (both sides), saved
+        with the model so later stages (PPO) can normalise rewards."""
+        engine.eval()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.t.device)  # sum r, sum r^2, count, correct pairs
+        for batch in self.loader.eval_batches():
+            chosen, rejected, _, _ = self.scores(engine, batch)
+            both = torch.cat([chosen, rejected]).double()
+            sums += torch.stack([both.sum(), both.pow(2).sum(), torch.tensor(float(both.numel()), dtype=torch.float64, device=sums.device), (chosen > rejected).double().sum()])
+        self.t.dist.all_reduce(sums)
+        engine.train()
+        count = max(sums[2].item(), 1.0)
+        mean = sums[0].item() / count
+        std = math.sqrt(max(sums[1].item() / count - mean * mean, 0.0))
+        return {"reward_mean": mean, "reward_std": std, "reward_samples": int(sums[2].item()), "train_accuracy": sums[3].item() / max(count / 2, 1.0)}
+
+    def save(self, state, directory, extra) -> None:
+        stats = {"mean": extra.get("reward_mean"), "std": extra.get("reward_std"), "samples": extra.get("reward_samples")}
+        save_reward_model(state, self.model_cfg, directory, stats)
+
+
+class Dpo(_Pairs):
+    """Sigmoid DPO against reference log-probs that the starting (SFT) model computes once, before
+    any step, and that are stored with the run (work_dir/reference/, uploaded into the stage)."""
+
+    name = "dpo"
+    metrics = ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward", "aux")
+
+    def build_model(self) -> Transformer:
+        model = self.init_model()
+        self.model_cfg = model.cfg
+        return model
+
+    def logps(self, engine, batch):
+        tokens, mask = batch["tokens"].to(self.t.device), batch["mask"].to(self.t.device)
+        logits, aux = engine(tokens[:, :-1])  # right padding never reaches a real token (causal)
+        logps = sequence_logprobs(logits, tokens[:, 1:], mask[:, 1:])  # [2n]
+        n = tokens.shape[0] // 2
+        return logps[:n], logps[n:], aux, tokens.numel()
+
+    # ------------------------------------------------------------------ reference log-probs
+    def prepare(self, engine) -> None:
+        """Reference log-probs of both splits: read from work_dir/reference when an earlier attempt
+        (or the stage, from the store) left them, else computed now by the untrained engine."""
+        ref_dir = Path(self.job.work_dir) / REFERENCE_DIR
+        if not (ref_dir / COMPLETE).exists():
+            self.compute_reference(engine, ref_dir)
+        for loader, split in ((self.loader, "train"), (self.val, "val")):
+            loader.reference = read_reference(ref_dir / f"{split}.arrow", loader.ids())
+
+    @torch.no_grad()
+    def compute_reference(self, engine, ref_dir: Path) -> None:
+        engine.eval()
+        computed = {}
+        for loader, split in ((self.loader, "train"), (self.val, "val")):
+            mine = []
+            for batch in loader.eval_batches():
+                chosen, rejected, _, _ = self.logps(engine, batch)
+                mine += zip(batch["index"].tolist(), chosen.tolist(), rejected.tolist())
+            gathered: list = [None] * self.t.world
+            self.t.dist.all_gather_object(gathered, mine)
+            values = np.zeros((loader.num_samples, 2), dtype=np.float32)
+            for index, chosen, rejected in (row for part in gathered for row in part):
+                values[index] = (chosen, rejected)
+            computed[split] = (values, loader.ids())
+        engine.train()
+        if self.t.rank == 0:
+            ref_dir.mkdir(parents=True, exist_ok=True)
+            for split, (values, ids) in computed.items():
+                write_reference(ref_dir / f"{split}.arrow", ids, values)
+            tmp = ref_dir / (COMPLETE + ".tmp")
+            tmp.write_text(json.dumps({"pairs": {s: len(v[1]) for s, v in computed.items()}}))
+            os.replace(tmp, ref_dir / COMPLETE)
+            self.t.log(f"reference log-probs of {sum(len(v[1]) for v in computed.values())} pairs computed")
+        self.t.dist.barrier()
+
+    def loss(self, engine, batch):
+        chosen, rejected, aux, n_tokens = self.logps(engine, batch)
+        ref = batch["reference"].to(self.t.device)
+        out = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], self.options["beta"])
+        total = out.loss + self.aux_weight * aux if self.aux_weight else out.loss
+        cr, rr = out.chosen_rewards, out.rejected_rewards
+        return total, {
+            "loss": total.detach(), "accuracy": (cr > rr).float().mean(), "margin": (cr - rr).mean(),
+            "chosen_reward": cr.mean(), "rejected_reward": rr.mean(), "aux": aux.detach(), "tokens": n_tokens,
+        }
+
+    @torch.no_grad()
+    def evaluate(self, engine) -> dict[str, float]:
+        """Held-out DPO loss, implicit-reward accuracy and margin, mean implicit rewards per side."""
+        sums = torch.zeros(6, dtype=torch.float64, device=self.t.device)
+        for batch in self.capped(self.val, self.cfg.eval_samples):
+            chosen, rejected, _, _ = self.logps(engine, batch)
+            n = chosen.numel()
+            if n:
+                ref = batch["reference"].to(self.t.device)
+                out = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], self.options["beta"])
+                cr, rr = out.chosen_rewards.double(), out.rejected_rewards.double()
+                sums += torch.stack([out.loss.double() * n, (cr > rr).double().sum(), (cr - rr).sum(), cr.sum(), rr.sum(), torch.tensor(float(n), dtype=torch.float64, device=sums.device)])
+        return self.reduce_pairs(sums, ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward"))
+
+
+def write_reference(path: Path, ids: list[str], values: np.ndarray) -> None:
+    """Reference log-probs, one row per pair in the data's order: id, chosen, rejected (float32)."""
+    import pyarrow as pa
+
+    table = pa.table({"id": pa.array(ids, type=pa.string()), "chosen": pa.array(values[:, 0]), "rejected": pa.array(values[:, 1])})
+    tmp = path.with_name(path.name + ".tmp")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    os.replace(tmp, path)
+
+
+def read_reference(path: Path, ids: list[str]) -> np.ndarray:
+    """[N, 2] float32 log-probs, checked to belong to exactly these pairs in this order."""
+    import pyarrow as pa
+
+    table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    if table.column("id").to_pylist() != ids:
+        raise LoaderError(f"{path} holds reference log-probs of other pairs than the preference data; delete it to recompute")
+    return np.stack([table.column("chosen").to_numpy(), table.column("rejected").to_numpy()], axis=1).astype(np.float32)
+
+
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (Pretrain, Sft, Reward, Dpo)}
