@@ -5,17 +5,52 @@ kept in its own file so the tree stays readable.
 """
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from pydantic import Field, model_validator
 
 from lmfoundry.infra.config_base import Section, execution
 from lmfoundry.infra.config_train import TrainRecipe
 
+# the row shapes a chat source may hold (tasks/chat/shapes.py); "auto" decides per row
+ChatFormat = Literal["auto", "messages", "instruction", "prompt_response", "preference", "hh_rlhf"]
 
-class SftDataConfig(Section):
+
+class ChatSourceConfig(Section):
+    """Chat data files: JSONL (.jsonl/.json, optionally compressed; a .json holding one array works
+    too) or Parquet, on any fsspec URL."""
+
+    paths: list[str] = Field(description="files, directories or globs (local, s3://...)")
+    format: ChatFormat = Field("auto", description="row shape; auto detects it per row from the keys")
+    name: str | None = Field(None, description="label in the stats (default: the first path)")
+    storage_options: dict[str, Any] = execution(
+        {}, description="fsspec options for these paths, e.g. an S3 endpoint (they are stored in the manifest: keep credentials in the environment)"
+    )
+
+    @model_validator(mode="after")
+    def _has_paths(self) -> "ChatSourceConfig":
+        if not self.paths:
+            raise ValueError("a chat source needs at least one path")
+        return self
+
+
+class _ChatDataConfig(Section):
+    enabled: bool = True
+    sources: list[ChatSourceConfig] = Field(default_factory=list, description="your data; read in order")
+    builtin: Literal["chatterbot"] | None = Field(
+        None, description="add the demo corpus shipped in the chatterbot-corpus wheel (no download); null for real data only"
+    )
+    seq_len: int = Field(256, ge=8, le=65535, description="tokens per training input; rows hold seq_len + 1")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="share of items in the val split, by a stable hash of the content")
+    on_bad_row: Literal["error", "skip"] = Field("error", description="a malformed row stops the stage (error) or is counted by reason (skip)")
+    seed: int = Field(0, description="salts the val-split hash (and the demo pairs' choice of rejected answers)")
+
+
+class SftDataConfig(_ChatDataConfig):
     """Conversations -> templated, tokenized, packed Arrow shards (tasks/chat/sft_data.py)."""
 
 
-class PreferenceDataConfig(Section):
+class PreferenceDataConfig(_ChatDataConfig):
     """Preference pairs -> templated, tokenized Arrow shards (tasks/chat/preference_data.py)."""
 
 

@@ -1,10 +1,13 @@
-"""Export a dense model to Hugging Face ``LlamaForCausalLM`` format.
+"""Export a dense model to Hugging Face ``LlamaForCausalLM`` format, a reward model to
+``LlamaForSequenceClassification`` (num_labels=1).
 
     python -m lmfoundry.model.export MODEL_DIR OUT_DIR [--tokenizer tokenizer.json] [--special special_tokens.json]
 
 MODEL_DIR is our format (model.safetensors + model_config.json, e.g. a pretrain stage's
-``model/``). OUT_DIR then loads with ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` and
-``AutoTokenizer.from_pretrained(OUT_DIR)``, and serves from inference servers that take Llama.
+``model/``; with reward.json beside them a reward model, e.g. a reward_model stage's ``model/``).
+OUT_DIR then loads with ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` (a reward model with
+``AutoModelForSequenceClassification``) and ``AutoTokenizer.from_pretrained(OUT_DIR)``, and serves
+from inference servers that take Llama.
 Our module names already follow Llama's, so weights only gain the ``model.`` prefix; the
 rotary layout (halves rotated, not interleaved) is Llama's too, so no permutation is needed.
 """
@@ -18,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lmfoundry.infra.config import ModelConfig
+from lmfoundry.model.chat import CHAT_SPECIALS, chat_template
 from lmfoundry.model.transformer import CONFIG, WEIGHTS
 
 
@@ -87,6 +91,47 @@ def export_llama(
     return sorted(p.name for p in out_dir.iterdir() if p.is_file())
 
 
+def export_reward_model(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    max_seq_len: int,
+    tokenizer_json: str | Path | None = None,
+    special_ids: dict[str, int] | None = None,
+) -> list[str]:
+    """A reward model (model/heads.py) as LlamaForSequenceClassification: our keys are already its
+    names (``model.*``, ``score.weight``). Hugging Face scores the rightmost token that is not
+    ``pad_token_id``, which for right-padded rows is our last real token, so special_ids needs
+    "pad". reward.json (the train-set reward mean / std) is copied along."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lmfoundry.model.heads import REWARD_FILE
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    cfg = ModelConfig.model_validate_json((model_dir / CONFIG).read_text())
+    if cfg.moe_experts:
+        raise ExportError(f"{model_dir} holds a mixture-of-experts model: LlamaForSequenceClassification is dense; load it with lmfoundry.model.heads.load_reward_model")
+    if not (model_dir / REWARD_FILE).exists():
+        raise ExportError(f"{model_dir} has no {REWARD_FILE}: not a reward model (export a policy with export_llama)")
+    special_ids = dict(special_ids or {})
+    if special_ids.get("pad") is None:
+        raise ExportError("a reward model export needs the pad token id (special_ids['pad']): Hugging Face finds each row's last token by it")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in load_file(str(model_dir / WEIGHTS)).items()}
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    config = llama_config(cfg, max_seq_len, special_ids)
+    # no output projection in a classifier: nothing to tie
+    config.tie_word_embeddings = False
+    config.architectures = ["LlamaForSequenceClassification"]
+    config.num_labels = 1
+    config.save_pretrained(out_dir)
+    shutil.copyfile(model_dir / REWARD_FILE, out_dir / REWARD_FILE)
+    if tokenizer_json is not None:
+        write_tokenizer(Path(tokenizer_json), special_ids, out_dir)
+    return sorted(p.name for p in out_dir.iterdir() if p.is_file())
+
+
 def write_tokenizer(tokenizer_json: Path, special_ids: dict[str, int], out_dir: Path) -> None:
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
@@ -94,8 +139,14 @@ def write_tokenizer(tokenizer_json: Path, special_ids: dict[str, int], out_dir: 
     raw = Tokenizer.from_file(str(tokenizer_json))
     named = {f"{role}_token": raw.id_to_token(i) for role, i in special_ids.items() if role in ("bos", "eos", "pad", "unk")}
     extra = [raw.id_to_token(i) for role, i in special_ids.items() if role not in ("bos", "eos", "pad", "unk")]
-    fast = PreTrainedTokenizerFast(tokenizer_object=raw, additional_special_tokens=[t for t in extra if t is not None], **named)
-    fast.save_pretrained(out_dir)
+    texts = {role: raw.id_to_token(i) for role, i in special_ids.items()}
+    # the chat template in these token texts, when the tokenizer has every chat role
+    template = chat_template(texts) if all(texts.get(role) for role in CHAT_SPECIALS) else None
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=raw, additional_special_tokens=[t for t in extra if t is not None], chat_template=template, **named
+    )
+    # save_jinja_files=False: the template goes into tokenizer_config.json, where every transformers version reads it
+    fast.save_pretrained(out_dir, save_jinja_files=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,8 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--special", help="special_tokens.json ({role: id})")
     args = parser.parse_args(argv)
     special = json.loads(Path(args.special).read_text()) if args.special else {}
+    from lmfoundry.model.heads import REWARD_FILE
+
+    exporter = export_reward_model if (Path(args.model_dir) / REWARD_FILE).exists() else export_llama
     try:
-        files = export_llama(args.model_dir, args.out_dir, args.max_seq_len, args.tokenizer, special)
+        files = exporter(args.model_dir, args.out_dir, args.max_seq_len, args.tokenizer, special)
     except ExportError as exc:
         print(f"export: {exc}", file=sys.stderr)
         return 2

@@ -7,6 +7,8 @@ Writes, under the stage version:
 - ``special_tokens.json``: role -> id, e.g. ``{"bos": 0, "eos": 1, "pad": 2, "assistant": 3, ...}``.
 - ``tokenizer_config.json``: the token texts for ``transformers`` (so the directory of these
   files loads with ``AutoTokenizer.from_pretrained``).
+- ``chat_template.jinja``: the chat template (model/chat.py) in these token texts, which
+  ``AutoTokenizer.from_pretrained`` picks up; written when every chat role has a token.
 
 The sample is every document whose id hashes (with ``sample_seed``) below ``sample_fraction``,
 in input order, until ``sample_max_chars`` characters; the same input gives the same sample and
@@ -35,13 +37,15 @@ from lmfoundry.infra.files import InputError
 from lmfoundry.infra.config import ComputeConfig, TokenizerConfig
 from lmfoundry.infra.docs import DATA_PREFIX
 from lmfoundry.infra.store import StageDir, StageRef, Store
+from lmfoundry.model.chat import CHAT_SPECIALS, chat_template
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: chat_template.jinja
 log = logging.getLogger("lmfoundry.tokenizer")
 
 TOKENIZER_FILE = "tokenizer.json"
 SPECIAL_TOKENS_FILE = "special_tokens.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 STAGE_NAME = "train_tokenizer"
 # bytes per token is measured on at most this much of the sample (a quality number for the manifest)
 EVAL_CHARS = 1_000_000
@@ -247,6 +251,8 @@ def run_train_tokenizer(cfg: TokenizerConfig, inputs: list[StageRef], out: Stage
     out.write_bytes(TOKENIZER_FILE, tokenizer.to_str(pretty=True).encode("utf-8"))
     out.write_json(SPECIAL_TOKENS_FILE, ids)
     out.write_json(TOKENIZER_CONFIG_FILE, transformers_config(cfg))
+    if all(role in cfg.special_tokens for role in CHAT_SPECIALS):
+        out.write_bytes(CHAT_TEMPLATE_FILE, chat_template(cfg.special_tokens).encode("utf-8"))
     sample = eval_sample(cfg, out.store, inputs) if inputs else []
     return TokenizerStats(
         origin=origin,

@@ -142,3 +142,22 @@ def test_bad_inputs_fail_with_a_message_that_says_what_to_do(store, tmp_path):
     with pytest.raises(ConfigError, match="own token"):
         build_config({"tokenizer": {"special_tokens": {"bos": "<s>", "eos": "<s>", "pad": "<pad>"}}})
     assert TokenizerConfig(path="x.json", special_tokens={"bos": "<e>", "eos": "<e>", "pad": "<e>"}).path == "x.json"
+
+
+def test_the_stage_ships_the_chat_template_that_transformers_loads(store):
+    from transformers import AutoTokenizer
+
+    from lmfoundry.model.chat import chat_template, render
+
+    ref = commit_docs(store, [corpus()])
+    outcome = run_stage(store, SPEC, config(normalization="none"), [ref])
+    reader = store.reader(outcome.ref)
+    assert reader.read_bytes("chat_template.jinja").decode() == chat_template(config().tokenizer.special_tokens)
+    hf = AutoTokenizer.from_pretrained(str(Path(reader.local_path("tokenizer.json")).parent))
+    ours, special = load_tokenizer(store, outcome.ref)
+    messages = [{"role": "user", "content": MULTILINGUAL[0]}, {"role": "assistant", "content": MULTILINGUAL[5]}]
+    ids, _ = render(messages, lambda text: ours.encode(text, add_special_tokens=False).ids, special)
+    assert hf.apply_chat_template(messages, tokenize=True, return_dict=False) == ids
+    # without the chat roles there is no template (and nothing breaks)
+    bare = run_stage(store, SPEC, config(normalization="none", special_tokens={"bos": "<s>", "eos": "</s>", "pad": "<pad>"}), [ref])
+    assert "chat_template.jinja" not in store.reader(bare.ref).files()
