@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from lmfoundry.infra.config_posttrain import DpoConfig, PreferenceDataConfig, RewardModelConfig, SftConfig, SftDataConfig
 from lmfoundry.infra.config_base import EXECUTION_KEY, Section, execution  # noqa: F401  (re-exported)
@@ -474,9 +474,19 @@ def build_config(data: dict[str, Any], overrides: list[str] = (), origin: str = 
     for text in overrides:
         apply_override(data, *parse_override(text))
     try:
-        return PipelineConfig.model_validate(data)
+        return anchor_store(PipelineConfig.model_validate(data))
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, origin)) from exc
+
+
+def anchor_store(config: PipelineConfig) -> PipelineConfig:
+    """A relative local store URL resolved against the repository, like a preset path: the CLI,
+    a served flow and a worker (which runs in a scratch directory Prefect deletes afterwards)
+    must all read and write the same store."""
+    url = config.store.url
+    if "://" in url or Path(url).expanduser().is_absolute():
+        return config
+    return config.model_copy(update={"store": config.store.model_copy(update={"url": str(REPO_ROOT / url)})})
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> PipelineConfig:

@@ -2,7 +2,10 @@
 and a `cpu` pool worker runs the data refresh from it."""
 from __future__ import annotations
 
+import shutil
 import subprocess
+import uuid
+from pathlib import Path
 
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
@@ -16,7 +19,11 @@ NAMES = ["data-refresh", "pretrain", "post-train", "end-to-end"]
 
 def test_deploy_registers_pools_limit_and_deployments_that_a_worker_runs(prefect_server, tmp_path):
     corpus = make_corpus(tmp_path / "corpus")
-    preset = write_preset(tmp_path / "preset.yaml", corpus, tmp_path / "store")
+    # a relative store, as in the default preset: the worker runs the flow in a scratch
+    # directory, yet the results must land in the repository's store
+    relative_store = Path(".lmf") / f"test-worker-{uuid.uuid4().hex[:8]}"
+    store_dir = REPO / relative_store
+    preset = write_preset(tmp_path / "preset.yaml", corpus, relative_store)
     done = subprocess.run(
         [str(VENV_BIN / "lmf"), "deploy", "--config", str(preset), "--gpu-pool-type", "kubernetes", "--gpu-slots", "2"],
         cwd=tmp_path,  # any directory: flows are found by module path, the preset by absolute path
@@ -43,7 +50,7 @@ def test_deploy_registers_pools_limit_and_deployments_that_a_worker_runs(prefect
             assert set(schema["properties"]) == {"preset", "overrides", "snapshot", "rerun", "plan_only", "then_pretrain"}
             assert schema["definitions"]["StageName"]["enum"] == STAGE_NAMES
             assert refresh.parameters["preset"] == str(preset)
-            assert deployments["end-to-end"].parameters["config"]["store"]["url"] == str(tmp_path / "store")
+            assert deployments["end-to-end"].parameters["config"]["store"]["url"] == str(store_dir)
             assert deployments["pretrain"].parameters["then_posttrain"] is True  # pretrain chains post-train
             assert "rerun" in deployments["post-train"].parameter_openapi_schema["properties"]
 
@@ -58,9 +65,11 @@ def test_deploy_registers_pools_limit_and_deployments_that_a_worker_runs(prefect
             )
             state = wait_for(lambda: client.read_flow_run(run.id).state if client.read_flow_run(run.id).state.is_final() else None, 60, what="the worker's run")
             assert state.is_completed(), worker.stdout[-3000:] + worker.stderr[-3000:]
-            store = Store(str(tmp_path / "store"))
+            store = Store(str(store_dir))
             assert set(store.stages()) >= {"ingest", "exact_dedup"}
+            assert store.get_ref("test", "exact_dedup") is not None
         finally:
+            shutil.rmtree(store_dir, ignore_errors=True)
             for deployment in client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=NAMES))):
                 client.delete_deployment(deployment.id)
 

@@ -40,7 +40,7 @@ def test_missing_or_malformed_preset(tmp_path):
 
 
 def test_execution_fields_are_not_identity():
-    base = PipelineConfig()
+    base = build_config({})
     knobs = build_config({}, ["compute.workers=7", "store.lease_ttl_s=5"])
     assert base.compute.identity() == knobs.compute.identity()
     assert base.store.identity() == knobs.store.identity()
@@ -50,3 +50,13 @@ def test_execution_fields_are_not_identity():
 @pytest.mark.parametrize("preset", sorted(p.name for p in (Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")))
 def test_every_shipped_preset_is_valid(preset):
     load_config(Path(__file__).resolve().parents[2] / "configs" / preset)
+
+
+def test_a_relative_store_resolves_against_the_repository():
+    """The CLI, a served flow and a worker in a scratch directory must share one store."""
+    from lmfoundry.infra.config import REPO_ROOT, build_config
+
+    assert build_config({"store": {"url": "runs/store"}}).store.url == str(REPO_ROOT / "runs" / "store")
+    assert build_config({"store": {"url": "/abs/store"}}).store.url == "/abs/store"
+    assert build_config({"store": {"url": "s3://bucket/prefix"}}).store.url == "s3://bucket/prefix"
+    assert build_config({}, ["store.url=.lmf/x"]).store.url == str(REPO_ROOT / ".lmf" / "x")
