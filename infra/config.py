@@ -11,13 +11,15 @@ Load a preset with ``load_config("configs/demo.yaml", overrides=["dedup.threshol
 """
 from __future__ import annotations
 
+import copy
+import difflib
 import os
 import sysconfig
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from lmfoundry.infra.config_posttrain import DpoConfig, PreferenceDataConfig, RewardModelConfig, SftConfig, SftDataConfig
 from lmfoundry.infra.config_base import EXECUTION_KEY, Section, execution  # noqa: F401  (re-exported)
@@ -452,31 +454,63 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
-    node = data
-    for i, key in enumerate(path[:-1]):
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {'.'.join(path)}: '{'.'.join(path[: i + 1])}' is not a section")
-        node = child
-    node[path[-1]] = value
+    """Set `path` in the nested data; a number indexes a list (``ingest.sources.0.paths``)."""
+    node: Any = data
+    for i, key in enumerate(path):
+        where = ".".join(path[: i + 1])
+        last = i == len(path) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"override {'.'.join(path)}: '{where}' needs an index below {len(node)} (the list has {len(node)} items)")
+            key = int(key)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(path)}: '{'.'.join(path[:i])}' is not a section")
+        if last:
+            node[key] = value
+        else:
+            if isinstance(node, dict) and not isinstance(node.get(key), (dict, list)):
+                node[key] = {}
+            node = node[key]
 
 
-def format_validation_error(exc: ValidationError, origin: str) -> str:
+def field_suggestion(loc: tuple) -> str:
+    """For an unknown field at `loc`: '; did you mean X?' from the fields of the section that holds it."""
+    model: Any = PipelineConfig
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:
+            continue  # a list item: the model of its elements is the annotation's argument
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        args = getattr(annotation, "__args__", ()) or ()
+        model = next((a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f"; did you mean '{close[0]}'?" if close else f"; fields here: {', '.join(model.model_fields)}"
+
+
+def format_validation_error(exc: ValidationError, origin: str, overrides: list[tuple[str, list[str]]] = ()) -> str:
+    """One line per problem, naming the field, the override that set it (else the file), and a fix."""
     lines = [f"invalid config ({origin}):"]
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "<root>"
-        lines.append(f"  {where}: {err['msg']}")
+        loc = tuple(err["loc"])
+        where = ".".join(str(p) for p in loc) or "<root>"
+        hint = field_suggestion(loc) if err["type"] == "extra_forbidden" else ""
+        blamed = next((text for text, path in overrides if [str(p) for p in loc[: len(path)]] == path or path[: len(loc)] == [str(p) for p in loc]), None)
+        source = f" (from override '{blamed}')" if blamed else ""
+        lines.append(f"  {where}: {err['msg']}{hint}{source}")
     return "\n".join(lines)
 
 
 def build_config(data: dict[str, Any], overrides: list[str] = (), origin: str = "config") -> PipelineConfig:
-    data = dict(data or {})
-    for text in overrides:
-        apply_override(data, *parse_override(text))
+    data = copy.deepcopy(data or {})
+    parsed = [(text, *parse_override(text)) for text in overrides]
+    for _, path, value in parsed:
+        apply_override(data, path, value)
     try:
         return anchor_store(PipelineConfig.model_validate(data))
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, origin)) from exc
+        raise ConfigError(format_validation_error(exc, origin, [(text, path) for text, path, _ in parsed])) from exc
 
 
 def anchor_store(config: PipelineConfig) -> PipelineConfig:

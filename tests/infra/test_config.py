@@ -60,3 +60,29 @@ def test_a_relative_store_resolves_against_the_repository():
     assert build_config({"store": {"url": "/abs/store"}}).store.url == "/abs/store"
     assert build_config({"store": {"url": "s3://bucket/prefix"}}).store.url == "s3://bucket/prefix"
     assert build_config({}, ["store.url=.lmf/x"]).store.url == str(REPO_ROOT / ".lmf" / "x")
+
+
+def test_override_typos_name_the_override_and_the_nearest_field():
+    from lmfoundry.infra.config import build_config
+
+    with pytest.raises(ConfigError) as typo:
+        build_config({}, ["near_dedup.treshold=0.8"], origin="preset.yaml")
+    assert "near_dedup.treshold" in str(typo.value) and "did you mean 'threshold'" in str(typo.value)
+    assert "from override 'near_dedup.treshold=0.8'" in str(typo.value)
+    with pytest.raises(ConfigError) as bad_value:
+        build_config({}, ["near_dedup.threshold=high"])
+    assert "from override 'near_dedup.threshold=high'" in str(bad_value.value)
+    with pytest.raises(ConfigError) as from_file:
+        build_config({"near_dedup": {"treshold": 0.8}}, ["exact_dedup.normalize=none"], origin="preset.yaml")
+    assert "did you mean 'threshold'" in str(from_file.value) and "from override" not in str(from_file.value)
+
+
+def test_overrides_index_list_items():
+    from lmfoundry.infra.config import build_config
+
+    data = {"ingest": {"sources": [{"name": "a", "paths": ["a/*"]}, {"name": "b", "paths": ["b/*"]}]}}
+    cfg = build_config(data, ['ingest.sources.1.paths=["c/*.txt"]'])
+    assert [s.paths for s in cfg.ingest.sources] == [["a/*"], ["c/*.txt"]]
+    assert data["ingest"]["sources"][1]["paths"] == ["b/*"]  # the caller's data is not changed
+    with pytest.raises(ConfigError, match="needs an index below 2"):
+        build_config(data, ["ingest.sources.2.paths=[]"])
