@@ -118,6 +118,7 @@ def publish_plan(rows: list[PlanRow], pipeline: str) -> None:
 class StagesResult:
     refs: dict[str, StageRef | None] = field(default_factory=dict)
     actions: dict[str, str] = field(default_factory=dict)  # ran / skipped / disabled / from ref
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage this run executed
     plan: list[PlanRow] | None = None
 
     def ran(self) -> list[str]:
@@ -177,12 +178,24 @@ def run_stages(
             result.refs[spec.name] = result.refs.get(spec.inputs[0]) if spec.inputs else None
             result.actions[spec.name] = "disabled"
         else:
+            started = time.monotonic()
             outcome = stage_task.with_options(name=spec.name)(spec.name, config, inputs, salt=salt if spec.name in forced else "")
+            result.seconds[spec.name] = time.monotonic() - started
             result.refs[spec.name] = outcome.ref
             result.actions[spec.name] = outcome.status
         update_progress_artifact(progress, progress=100.0 * (i + 1) / len(selected))
     publish_summary(store, config, result)
     return result
+
+
+def model_location(store: Store, result: StagesResult) -> str | None:
+    """The Hugging Face export of the last training stage in this run, if it wrote one."""
+    for name in reversed(list(result.refs)):
+        ref = result.refs[name]
+        manifest = store.manifest(ref.stage, ref.version) if ref else None
+        if manifest and str(manifest.get("stats", {}).get("exported", "")).startswith("hf"):
+            return f"{store.version_path(ref.stage, ref.version)}/hf"
+    return None
 
 
 def _input_ref(store, config, result: StagesResult, name: str, selected: set[str]) -> StageRef | None:
@@ -197,6 +210,8 @@ def _input_ref(store, config, result: StagesResult, name: str, selected: set[str
 
 
 def publish_summary(store: Store, config: PipelineConfig, result: StagesResult) -> None:
+    """The run's summary as a table artifact and as printed lines: what ran or was reused, how much
+    each stage holds (docs, tokens or files), how long it took, and where the model is."""
     table = []
     for name, action in result.actions.items():
         ref = result.refs.get(name)
@@ -206,10 +221,16 @@ def publish_summary(store: Store, config: PipelineConfig, result: StagesResult) 
                 "stage": name,
                 "action": action,
                 "version": ref.version if ref else "-",
-                "rows": str(manifest["rows"]) if manifest else "-",
+                "holds": report.size_label(report.StageInfo(name, ref.version, manifest)) if manifest else "-",
+                "seconds": f"{result.seconds[name]:.1f}" if name in result.seconds else "-",
                 "committed_by_run": (manifest.get("run_id") or "-") if manifest else "-",
             }
         )
+    for row in table:
+        print(f"{row['stage']:<24} {row['action']:<9} {row['version']:<18} {row['holds']:<28} {row['seconds']:>7} s")
+    model = model_location(store, result)
+    if model:
+        print(f"model: {model} (Hugging Face format: transformers' from_pretrained loads it)")
     create_table_artifact(
         key=artifact_key(f"{config.store.pipeline}-run-summary"),
         table=table,

@@ -41,7 +41,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_run(args) -> int:
     cfg = _config(args)
-    from lmfoundry.flows.pipeline import STAGE_NAMES, stage
+    from lmfoundry.flows.pipeline import stage
 
     for name in ([args.until] if args.until else []) + args.force:
         stage(name)  # unknown names fail before anything starts
@@ -49,10 +49,7 @@ def cmd_run(args) -> int:
         return cmd_status(args, cfg)
     from lmfoundry.flows.end_to_end import end_to_end
 
-    refs = end_to_end(config=cfg, until=args.until, force=args.force)
-    for name in STAGE_NAMES:
-        if refs.get(name) is not None:
-            print(f"{name:<18} {refs[name].version}")
+    end_to_end(config=cfg, until=args.until, force=args.force)  # the flow prints the run's summary
     return 0
 
 
