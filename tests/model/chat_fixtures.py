@@ -177,8 +177,8 @@ def separable_pairs(n: int, seed: int = 0, vocab: int = VOCAB, good: int = 10, b
     return pairs
 
 
-def commit_chat_tokenizer(store: Store, vocab: int = VOCAB, stage: str = "train_tokenizer") -> StageRef:
-    """A word-level tokenizer over 't7'..'tN' plus the special tokens of the chat template."""
+def chat_tokenizer(vocab: int = VOCAB):
+    """A tokenizers.Tokenizer: word level over 't7'..'tN' plus the chat template's special tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     texts = {role: f"<|{role}|>" for role in SPECIAL}
@@ -186,9 +186,47 @@ def commit_chat_tokenizer(store: Store, vocab: int = VOCAB, stage: str = "train_
     tokenizer = Tokenizer(models.WordLevel(vocab_map, unk_token="<|pad|>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.add_special_tokens(list(texts.values()))
+    return tokenizer
+
+
+def commit_chat_tokenizer(store: Store, vocab: int = VOCAB, stage: str = "train_tokenizer") -> StageRef:
+    """A word-level tokenizer over 't7'..'tN' plus the special tokens of the chat template."""
     if store.is_committed(stage, f"chat{vocab}"):
         return store.ref(stage, f"chat{vocab}")
     out = store.open_for_write(stage, f"chat{vocab}")
-    out.write_bytes("tokenizer.json", tokenizer.to_str().encode())
+    out.write_bytes("tokenizer.json", chat_tokenizer(vocab).to_str().encode())
     out.write_json("special_tokens.json", SPECIAL)
+    return store.commit(out, {"stats": {}})
+
+
+def commit_model(store: Store, stage: str = "pretrain", seed: int = 0, vocab: int = VOCAB, hf_tokenizer: bool = False, **shape) -> StageRef:
+    """A committed training stage holding model/ (our format): a randomly initialised Transformer
+    standing in for `pretrain` (or `sft`) when a test is about a later stage; with hf_tokenizer
+    also the tokenizer files of an export (hf/tokenizer.json, tokenizer_config.json with the chat template)."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from lmfoundry.infra.config import ModelConfig
+    from lmfoundry.model.transformer import Transformer, resolve, save_model
+
+    fields = {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, **shape}
+    version = hashlib.sha256(json.dumps([fields, seed, vocab, hf_tokenizer]).encode()).hexdigest()[:16]
+    if store.is_committed(stage, version):
+        return store.ref(stage, version)
+    torch.manual_seed(seed)
+    model = Transformer(resolve(ModelConfig(**fields), vocab))
+    out = store.open_for_write(stage, version)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(model.state_dict(), model.cfg, tmp)
+        for path in sorted(Path(tmp).iterdir()):
+            out.put_file(path, f"model/{path.name}")
+        if hf_tokenizer:
+            from lmfoundry.model.export import write_tokenizer
+
+            (Path(tmp) / "tokenizer.json").write_text(chat_tokenizer(vocab).to_str())
+            write_tokenizer(Path(tmp) / "tokenizer.json", SPECIAL, Path(tmp) / "hf")
+            for path in sorted((Path(tmp) / "hf").iterdir()):
+                out.put_file(path, f"hf/{path.name}")
     return store.commit(out, {"stats": {}})

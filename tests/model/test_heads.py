@@ -70,3 +70,33 @@ def test_save_and_load_round_trip(tmp_path, tie):
     save_model(policy().state_dict(), policy().cfg, tmp_path / "policy")
     with pytest.raises(ValueError, match="not a reward model"):
         load_reward_model(tmp_path / "policy")
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_reward_export_scores_equal_ours_in_transformers(tmp_path, tie):
+    """LlamaForSequenceClassification picks each row's rightmost non-pad token: on right-padded
+    batches that is our last real token, so the scores match."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from lmfoundry.model.export import ExportError, export_reward_model
+
+    rm = RewardModel.from_policy(policy(tie)).eval()
+    with torch.no_grad():
+        for p in rm.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))  # norm gains away from 1 so a mix-up would show
+    save_reward_model(rm.state_dict(), rm.cfg, tmp_path / "ours", {"mean": 0.5, "std": 1.5})
+    files = export_reward_model(tmp_path / "ours", tmp_path / "hf", max_seq_len=64, special_ids={"pad": PAD, "eos": 0, "bos": 2})
+    assert {"config.json", "model.safetensors", REWARD_FILE} <= set(files)
+    config = AutoConfig.from_pretrained(tmp_path / "hf")
+    assert config.architectures == ["LlamaForSequenceClassification"] and config.num_labels == 1 and config.pad_token_id == PAD
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    lengths = [5, 12, 9, 1]
+    tokens = right_padded(lengths, 12, seed=4)
+    with torch.no_grad():
+        ours = rm(tokens, torch.tensor(lengths))[0]
+        theirs = hf(input_ids=tokens).logits.squeeze(-1)
+        masked = hf(input_ids=tokens, attention_mask=(tokens != PAD).long()).logits.squeeze(-1)
+    assert (ours - theirs).abs().max().item() < 1e-4 and (ours - masked).abs().max().item() < 1e-4, (ours, theirs)
+    with pytest.raises(ExportError, match="pad token"):
+        export_reward_model(tmp_path / "ours", tmp_path / "hf2", max_seq_len=64, special_ids={})
