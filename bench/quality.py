@@ -68,7 +68,9 @@ DATATROVE_REASONS = {
 def rules_config():
     from lmfoundry.infra.config import HeuristicFilterConfig
 
-    return HeuristicFilterConfig(fineweb=HeuristicFilterConfig.FineWeb(enabled=False))
+    # datatrove counts punctuation tokens as words in the alpha-word ratio: count as it does, to compare like with like
+    gopher = HeuristicFilterConfig.GopherQuality(alpha_words_counting="datatrove")
+    return HeuristicFilterConfig(gopher_quality=gopher, fineweb=HeuristicFilterConfig.FineWeb(enabled=False))
 
 
 def run_ours(texts: list[str]) -> tuple[list[str | None], float]:

@@ -194,6 +194,7 @@ class HeuristicFilterConfig(Section):
         max_bullet_lines_ratio: float | None = Field(0.9, ge=0, description="share of lines starting with a bullet")
         max_ellipsis_lines_ratio: float | None = Field(0.3, ge=0, description="share of lines ending with an ellipsis")
         min_alpha_words_ratio: float | None = Field(0.8, ge=0, description="share of words with at least one letter")
+        alpha_words_counting: Literal["gopher", "datatrove"] = Field("gopher", description="gopher: whitespace-separated words (the Gopher paper); datatrove: punctuation tokens count as words too")
         min_stop_words: int | None = Field(2, ge=0, description="distinct stop words the text must contain")
         stop_words: list[str] = Field(default_factory=lambda: ["the", "be", "to", "of", "and", "that", "have", "with"])
 

@@ -64,7 +64,7 @@ from lmfoundry.tasks.acquire.warc_parts import (
 )
 from pydantic import BaseModel
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: WARC record ids named by content, records and page rows sorted by URL in each part
 
 log = logging.getLogger("lmfoundry.crawl")
 

@@ -15,7 +15,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-import pyarrow as pa
 from lmfoundry.infra.config import CrawlConfig
 from lmfoundry.infra.store import StageDir
 from lmfoundry.tasks.acquire.robots import RobotsRules, parse_robots
@@ -29,7 +28,6 @@ from lmfoundry.tasks.acquire.urls import (
     origin,
 )
 from lmfoundry.tasks.acquire.warc_parts import (
-    PAGE_SCHEMA,
     Fetched,
     FrontierItem,
     WarcPart,
@@ -170,8 +168,8 @@ class Crawler:
         if part is None or (not part.rows and not final):
             return
         # WARC first, pages second: a pages file marks its part complete
-        self.out.write_bytes(warc_name(part.index), part.buffer.getvalue())
-        self.out.write_table(pages_name(part.index), pa.Table.from_pylist(part.rows, schema=PAGE_SCHEMA), records=len(part.rows))
+        self.out.write_bytes(warc_name(part.index), part.warc_bytes())
+        self.out.write_table(pages_name(part.index), part.pages_table(), records=len(part.rows))
         self.part, self.next_part, self.stale_part = None, part.index + 1, False
 
     # ------------------------------------------------------------ hosts and robots

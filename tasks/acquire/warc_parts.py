@@ -2,8 +2,12 @@
 Last-Modified) remembered from an earlier crawl for a conditional re-crawl."""
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
+import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -12,6 +16,7 @@ from lmfoundry.infra.config import CrawlConfig
 from lmfoundry.infra.store import Store
 from lmfoundry.tasks.acquire.urls import request_target
 from warcio.statusandheaders import StatusAndHeaders
+from warcio.timeutils import datetime_to_iso_date
 from warcio.warcwriter import WARCWriter
 
 PAGE_SCHEMA = pa.schema(
@@ -89,45 +94,89 @@ def crawler_headers(fetched: Fetched) -> list[tuple[str, str]]:
     return headers + [("Content-Length", str(len(fetched.body)))]
 
 
+def warc_date() -> str:
+    """The capture time written as WARC-Date (UTC, seconds, as warcio writes WARC/1.0)."""
+    return datetime_to_iso_date(datetime.now(timezone.utc).replace(tzinfo=None))
+
+
+def record_id(*parts: str) -> str:
+    """A WARC-Record-ID named by what the record holds instead of drawn at random: a name-based
+    UUID (RFC 4122 v5) of its type, URL, capture time and content, so one capture always gets
+    one id, and the same fetched pages give the same records downstream."""
+    return f"<urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, chr(10).join(parts))}>"
+
+
 class WarcPart:
-    """One WARC file being written in memory, and the page rows that belong to it."""
+    """One WARC file being written in memory, and the page rows that belong to it.
+
+    Pages arrive in the order concurrent requests happen to finish; each request/response pair
+    is kept as its own gzip members and the file is written sorted by URL (and the page rows
+    too), so the same pages fetched at the same time give the same bytes."""
 
     def __init__(self, index: int, info: dict[str, str]):
         self.index = index
-        self.buffer = io.BytesIO()
-        self.writer = WARCWriter(self.buffer, gzip=True)
-        self.writer.write_record(self.writer.create_warcinfo_record(warc_name(index).split("/")[-1], info))
+        self.info = info
+        self.writer = WARCWriter(io.BytesIO(), gzip=True)  # builds records; pairs are written by pair_bytes
+        self.pairs: list[tuple[str, bytes]] = []  # (URL, the gzip members of its request and response)
         self.rows: list[dict[str, Any]] = []
+        self.date = warc_date()
 
     def size(self) -> int:
-        return self.buffer.tell()
+        return sum(len(data) for _, data in self.pairs)
 
-    def _request(self, fetched: Fetched):
+    def _request(self, fetched: Fetched, date: str, response_id: str):
         line = f"GET {request_target(fetched.url)} {fetched.http_version}"
         headers = StatusAndHeaders(line, fetched.request_headers, is_http_request=True)
-        return self.writer.create_warc_record(fetched.url, "request", http_headers=headers)
+        ids = {"WARC-Record-ID": record_id("request", fetched.url, date, response_id), "WARC-Date": date}
+        return self.writer.create_warc_record(fetched.url, "request", http_headers=headers, warc_headers_dict=ids)
+
+    def _add_pair(self, fetched: Fetched, record, date: str) -> dict[str, str]:
+        buffer = io.BytesIO()
+        WARCWriter(buffer, gzip=True).write_request_response_pair(self._request(fetched, date, record.rec_headers.get_header("WARC-Record-ID")), record)
+        self.pairs.append((fetched.url, buffer.getvalue()))
+        return self._ids(record)
 
     def add_response(self, fetched: Fetched) -> dict[str, str]:
         http = StatusAndHeaders(f"{fetched.status} {fetched.reason}".strip(), crawler_headers(fetched), protocol=fetched.http_version)
-        extra = {"WARC-IP-Address": fetched.ip} if fetched.ip else {}
+        date = warc_date()
+        digest = "sha1:" + base64.b32encode(hashlib.sha1(fetched.body).digest()).decode()
+        extra = {"WARC-Record-ID": record_id("response", fetched.url, date, digest), "WARC-Date": date}
+        if fetched.ip:
+            extra["WARC-IP-Address"] = fetched.ip
         if fetched.truncated:
             extra["WARC-Truncated"] = "length"
         record = self.writer.create_warc_record(
             fetched.url, "response", payload=io.BytesIO(fetched.body), length=len(fetched.body), http_headers=http, warc_headers_dict=extra
         )
-        self.writer.write_request_response_pair(self._request(fetched), record)
-        return self._ids(record)
+        return self._add_pair(fetched, record, date)
 
     def add_revisit(self, fetched: Fetched, earlier: dict[str, Any]) -> dict[str, str]:
         http = StatusAndHeaders(f"{fetched.status} {fetched.reason}".strip(), fetched.headers, protocol=fetched.http_version)
-        extra = {"WARC-Refers-To": earlier["warc_record_id"]}
+        date = warc_date()
+        extra = {"WARC-Refers-To": earlier["warc_record_id"], "WARC-Date": date,
+                 "WARC-Record-ID": record_id("revisit", fetched.url, date, earlier["payload_digest"])}
         if fetched.ip:
             extra["WARC-IP-Address"] = fetched.ip
         record = self.writer.create_revisit_record(
             fetched.url, earlier["payload_digest"], fetched.url, earlier["warc_date"], http_headers=http, warc_headers_dict=extra
         )
-        self.writer.write_request_response_pair(self._request(fetched), record)
-        return self._ids(record)
+        return self._add_pair(fetched, record, date)
+
+    def warc_bytes(self) -> bytes:
+        """The WARC file: its warcinfo record, then every pair in URL order."""
+        buffer = io.BytesIO()
+        writer = WARCWriter(buffer, gzip=True)
+        name = warc_name(self.index).split("/")[-1]
+        info = writer.create_warcinfo_record(name, self.info)
+        info.rec_headers.replace_header("WARC-Date", self.date)
+        info.rec_headers.replace_header("WARC-Record-ID", record_id("warcinfo", name, self.date))
+        writer.write_record(info)
+        for _, data in sorted(self.pairs):
+            buffer.write(data)
+        return buffer.getvalue()
+
+    def pages_table(self) -> pa.Table:
+        return pa.Table.from_pylist(sorted(self.rows, key=lambda row: row["url"]), schema=PAGE_SCHEMA)
 
     @staticmethod
     def _ids(record) -> dict[str, str]:

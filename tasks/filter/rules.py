@@ -273,10 +273,14 @@ def gopher_bullet_and_ellipsis_lines(doc: TextView, cfg: GopherQuality) -> Verdi
 
 
 def gopher_alpha_words(doc: TextView, cfg: GopherQuality) -> Verdict:
+    """Share of words with a letter. The Gopher paper's words are whitespace-separated, so
+    "done." is one word with a letter; datatrove counts the "." as a word without one, which
+    costs punctuation-rich prose (documentation, dialogue) its pages (alpha_words_counting)."""
     if cfg.min_alpha_words_ratio is None:
         return KEEP
-    with_letter = sum(map(has_letter, doc.words))
-    if with_letter / max(len(doc.words), 1) < cfg.min_alpha_words_ratio:
+    words = doc.words if cfg.alpha_words_counting == "datatrove" else doc.text.split()
+    with_letter = sum(map(has_letter, words))
+    if with_letter / max(len(words), 1) < cfg.min_alpha_words_ratio:
         return False, "gopher_alpha_words"
     return KEEP
 

@@ -114,3 +114,47 @@ def test_changed_input_file_changes_the_version(store, tmp_path):
     first = run_stage(store, SPEC, cfg, []).ref
     path.write_text("one, edited")
     assert run_stage(store, SPEC, cfg, []).ref.version != first.version
+
+
+def test_binary_content_is_skipped_and_counted(store, tmp_path):
+    tmp_path = tmp_path / "inputs"
+    tmp_path.mkdir()
+    (tmp_path / "nul.txt").write_bytes(bytes(4096))  # valid UTF-8, yet no text
+    (tmp_path / "random.txt").write_bytes(bytes((i * 131 + 7) % 256 for i in range(4096)))
+    (tmp_path / "ok.txt").write_text("a real text document")
+    (tmp_path / "recs.jsonl").write_text(json.dumps({"text": "\u0000" * 50 + "x"}) + "\n" + json.dumps({"text": "fine"}) + "\n")
+    outcome, docs = run(store, config({"name": "s", "paths": [str(tmp_path)]}))
+    assert sorted(d["text"] for d in docs) == ["a real text document", "fine"]
+    assert outcome.stats["skipped"] == {"binary": 3}
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_a_text_field_no_record_has_is_an_input_error(store, tmp_path, fmt):
+    path = tmp_path / f"data.{fmt}"
+    records = [{"content": "some text", "title": "t1"}, {"content": "more text", "title": "t2"}]
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    else:
+        pq.write_table(pa.Table.from_pylist(records), path)
+    cfg = config({"name": "corpus", "paths": [str(path)], "text_field": "body"})
+    with pytest.raises(InputError, match=r"no record has the text field 'body' \(source 'corpus'.*\['content', 'title'\]"):
+        run(store, cfg)
+    outcome, docs = run(store, config({"name": "corpus", "paths": [str(path)], "text_field": "content"}))
+    assert [d["text"] for d in docs] == ["some text", "more text"]
+
+
+def test_empty_input_commits_with_a_warning(store, tmp_path, caplog):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    outcome, docs = run(store, config({"name": "s", "paths": [str(tmp_path / "empty.jsonl")]}))
+    assert outcome.status == "ran" and docs == []
+    assert outcome.stats["skipped"] == {"empty_file": 1}
+    assert len(outcome.stats["warnings"]) == 1 and "gave no documents" in outcome.stats["warnings"][0]
+    assert any(r.levelname == "WARNING" and "gave no documents" in r.getMessage() for r in caplog.records)
+    assert run_stage(store, SPEC, PipelineConfig(), []).stats["warnings"] == []  # no sources: a WARC-only pipeline
+
+
+def test_paths_are_read_in_the_order_given(store, tmp_path):
+    (tmp_path / "a.txt").write_text("file a")
+    (tmp_path / "b.txt").write_text("file b")
+    _, docs = run(store, config({"name": "s", "paths": [str(tmp_path / "b.txt"), str(tmp_path / "*.txt")]}))
+    assert [d["text"] for d in docs] == ["file b", "file a"]

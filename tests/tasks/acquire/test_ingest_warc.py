@@ -185,7 +185,7 @@ def test_any_damaged_archive_loses_only_the_damaged_record():
         assert skipped["corrupt_record"] >= 2, seed  # the cut member and the garbage, each counted
 
 
-def test_a_record_cut_off_at_the_end_of_the_file_is_corrupt():
+def test_a_record_cut_off_at_the_end_of_the_file_is_truncated():
     for compress in (True, False):
         a = ArchiveBuilder(compress=compress)
         for n in range(3):
@@ -194,7 +194,7 @@ def test_a_record_cut_off_at_the_end_of_the_file_is_corrupt():
         for cut in (data[:-50], data[: a.offsets[2] + 100]):  # in the payload, in the header block
             rows, skipped = read_archive(cut)
             assert set(rows) == {"http://example.org/e0", "http://example.org/e1"}
-            assert skipped == {"corrupt_record": 1}
+            assert skipped == {"truncated_record": 1}
 
 
 def test_a_page_quoting_a_warc_record_is_not_read_as_one_after_damage():
@@ -307,3 +307,32 @@ def test_reads_crawl_warc_files_from_an_s3_store(s3_store):
     urls = [row["url"] for row in all_records(s3_store, outcome.ref)]
     assert urls[:4] == ["http://example.org/d0", "http://example.org/d2", "http://example.org/d3", "http://example.org/d4"]
     assert len(urls) == 8 and outcome.stats["records_by_source"] == {"crawl": 8}
+
+
+def test_paths_are_read_in_the_order_given(store, tmp_path):
+    for name, n in (("a", 1), ("b", 2)):
+        a = ArchiveBuilder(seed=n)
+        a.response(f"http://example.org/{name}", page(n))
+        (tmp_path / f"{name}.warc.gz").write_bytes(a.data())
+    b_first = run_stage(store, INGEST_WARC, ingest_config(str(tmp_path / "b.warc.gz"), str(tmp_path / "*.warc.gz")), [])
+    assert [row["url"] for row in all_records(store, b_first.ref)] == ["http://example.org/b", "http://example.org/a"]
+    a_first = run_stage(store, INGEST_WARC, ingest_config(str(tmp_path / "a.warc.gz"), str(tmp_path / "b.warc.gz")), [])
+    assert [row["url"] for row in all_records(store, a_first.ref)] == ["http://example.org/a", "http://example.org/b"]
+    assert a_first.ref.version != b_first.ref.version
+
+
+def test_a_truncated_download_is_counted_not_ingested(store, tmp_path):
+    data = normal_archive()
+    (tmp_path / "cut.warc.gz").write_bytes(data[: len(data) - 200])  # inside the last page's body
+    outcome = run_stage(store, INGEST_WARC, ingest_config(str(tmp_path / "cut.warc.gz")), [])
+    assert "http://example.org/gz" not in {row["url"] for row in all_records(store, outcome.ref)}
+    assert outcome.stats["skipped"]["truncated_record"] == 1 and outcome.stats["warnings"] == []
+
+
+def test_empty_input_commits_with_a_warning(store, tmp_path, caplog):
+    (tmp_path / "empty.warc.gz").write_bytes(b"")
+    outcome = run_stage(store, INGEST_WARC, ingest_config(str(tmp_path / "empty.warc.gz")), [])
+    assert outcome.status == "ran" and outcome.stats["records_out"] == 0
+    assert outcome.stats["skipped"] == {"empty_file": 1}
+    assert len(outcome.stats["warnings"]) == 1 and "empty_file=1" in outcome.stats["warnings"][0]
+    assert any(r.levelname == "WARNING" and "gave no documents" in r.getMessage() for r in caplog.records)

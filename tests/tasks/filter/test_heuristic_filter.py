@@ -134,6 +134,18 @@ def test_duplicated_ngrams_do_not_count_overlaps_twice():
     assert verdict(run + " " + "x" * 13, cfg) == "gopher_dup_5gram"  # 5 / 33
 
 
+def test_alpha_words_are_whitespace_words_as_in_the_gopher_paper():
+    # 7 whitespace words, each with a letter (1.0); as 14 tokens with the punctuation split off, 7 have one (0.5)
+    text = "Call join(a, b), then open(path); see: done."
+    assert HeuristicFilterConfig().gopher_quality.alpha_words_counting == "gopher"
+    assert verdict(text, only("gopher_quality", min_alpha_words_ratio=0.8)) is None
+    datatrove = only("gopher_quality", min_alpha_words_ratio=0.8, alpha_words_counting="datatrove")
+    assert verdict(text, datatrove) == "gopher_alpha_words"
+    assert verdict(text, only("gopher_quality", min_alpha_words_ratio=0.5, alpha_words_counting="datatrove")) is None
+    # whitespace counting still drops what has too few words with letters: 4 of 6
+    assert verdict("abc abc abc abc 12 34", only("gopher_quality", min_alpha_words_ratio=0.7)) == "gopher_alpha_words"
+
+
 def test_empty_text_is_dropped_first():
     assert verdict("  \n ", HeuristicFilterConfig()) == "empty"
 
