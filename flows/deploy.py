@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +73,27 @@ def parse_schedule_option(text: str) -> tuple[str, dict[str, Any]]:
         raise DeploymentFileError(f"--schedule '{text}': expected DEPLOYMENT=CRON or DEPLOYMENT=SECONDS, e.g. data-refresh='0 3 * * *'")
     name, value = (part.strip() for part in text.split("=", 1))
     try:
-        return name, {"interval": float(value)}
+        seconds = float(value)
     except ValueError:
-        return name, {"cron": value}
+        return name, {"cron": check_cron(value, f"--schedule '{text}'")}
+    if seconds <= 0:
+        raise DeploymentFileError(f"--schedule '{text}': an interval must be a positive number of seconds")
+    return name, {"interval": seconds}
+
+
+def check_cron(expr: str, where: str) -> str:
+    """A standard five-field cron (minute hour day-of-month month day-of-week), or a clear error:
+    a six-field one would be read with a seconds or year field and fire at the wrong times."""
+    from cronsim import CronSim, CronSimError
+
+    fields = expr.split()
+    if len(fields) != 5:
+        raise DeploymentFileError(f"{where}: cron '{expr}' has {len(fields)} fields; use five: minute hour day-of-month month day-of-week, e.g. '0 3 * * *'")
+    try:
+        CronSim(expr, datetime.now(timezone.utc))
+    except CronSimError as exc:
+        raise DeploymentFileError(f"{where}: cron '{expr}' is not valid ({exc})") from exc
+    return expr
 
 
 def build_schedule(spec: dict[str, Any]):
@@ -83,7 +101,7 @@ def build_schedule(spec: dict[str, Any]):
 
     common = {"active": bool(spec.get("active", True)), "parameters": spec.get("parameters") or {}, "slug": spec.get("slug")}
     if spec.get("cron"):
-        return Cron(spec["cron"], timezone=spec.get("timezone"), **common)
+        return Cron(check_cron(spec["cron"], f"schedule {spec.get('slug') or spec['cron']}"), timezone=spec.get("timezone"), **common)
     if spec.get("interval"):
         return Interval(timedelta(seconds=float(spec["interval"])), timezone=spec.get("timezone"), **common)
     raise DeploymentFileError(f"schedule {spec} needs `cron` or `interval`")
@@ -209,8 +227,29 @@ def serve(
 
     require_api_url()
     deployments = runner_deployments(path, preset=preset, overrides=overrides, only=only, schedules=schedules, with_schedules=with_schedules)
+    refuse_if_served_elsewhere(deployments)
     ensure_concurrency_limits(load_prefect_file(path))
     prefect_serve(*deployments, limit=limit)
+
+
+def refuse_if_served_elsewhere(deployments: list, recent_s: float = 60.0) -> None:
+    """A second `lmf serve` of the same deployments would pause the first one's schedules when it
+    stops: refuse while another process polled them within `recent_s` seconds."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    now = datetime.now(timezone.utc)
+    with get_client(sync_client=True) as client:
+        for deployment in deployments:
+            try:
+                current = client.read_deployment_by_name(f"{deployment.flow_name}/{deployment.name}")
+            except ObjectNotFound:
+                continue
+            if current.last_polled and (now - current.last_polled).total_seconds() < recent_s:
+                raise DeploymentFileError(
+                    f"deployment '{deployment.name}' is already being served (polled {(now - current.last_polled).total_seconds():.0f} s ago): "
+                    f"stop that `lmf serve` first (a killed one is released {recent_s:.0f} s after its last poll), or serve other deployments with --only"
+                )
 
 
 def deploy(

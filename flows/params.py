@@ -65,11 +65,18 @@ def load_run_config(preset: str, overrides: list[str]) -> PipelineConfig:
     return load_config(resolve_preset(preset), list(overrides))
 
 
-def start_deployment(name: str, parameters: dict[str, Any], reason: str) -> str:
+def start_deployment(name: str, parameters: dict[str, Any], reason: str) -> str | None:
     """Start (do not wait for) deployment `name` with `parameters`; returns its flow run id.
-    How one flow chains the next (data refresh -> pretrain -> post-train)."""
+    How one flow chains the next (data refresh -> pretrain -> post-train). A deployment that is
+    not registered (e.g. `lmf serve --only pretrain`) is reported and skipped, never an error:
+    the work of this run is committed either way."""
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
 
-    run = run_deployment(name, parameters=parameters, timeout=0, as_subflow=False)
+    try:
+        run = run_deployment(name, parameters=parameters, timeout=0, as_subflow=False)
+    except ObjectNotFound:
+        print(f"not starting {name}: it is not deployed (lmf serve / lmf deploy register it)")
+        return None
     print(f"started {name} run {run.id} because {reason}")
     return str(run.id)

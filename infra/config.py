@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from lmfoundry.infra.config_posttrain import DpoConfig, PreferenceDataConfig, RewardModelConfig, SftConfig, SftDataConfig
 from lmfoundry.infra.config_base import EXECUTION_KEY, Section, execution  # noqa: F401  (re-exported)
 from lmfoundry.infra.config_train import TrainRecipe
+from lmfoundry.infra.credentials import StorageOptions
 
 
 # --------------------------------------------------------------------------- store / compute
@@ -32,7 +33,7 @@ from lmfoundry.infra.config_train import TrainRecipe
 class StoreConfig(Section):
     url: str = Field(".lmf/store", description="fsspec URL of the artifact store: a local path or s3://bucket/prefix")
     pipeline: str = Field("demo", description="name under refs/ that this pipeline's stage refs are kept")
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options, e.g. endpoint_url for MinIO")
+    storage_options: StorageOptions = Field(default_factory=dict, description="fsspec options, e.g. endpoint_url for MinIO (no credentials: they come from the environment)")
     lease_ttl_s: float = execution(120.0, description="a lease not renewed for this long is considered abandoned")
 
 
@@ -119,7 +120,7 @@ class IngestWarcConfig(Section):
     source: str = Field("warc", description="`source` label of records from `paths` (crawled records are labelled 'crawl')")
     content_types: list[str] = Field(["text/html", "application/xhtml+xml"], description="response media types kept (WET text is always kept)")
     max_payload_bytes: int = Field(10 * 2**20, ge=1024, description="a longer payload is cut here and flagged truncated")
-    storage_options: dict[str, Any] = execution({}, description="fsspec options for `paths`, e.g. {'anon': true} for a public bucket")
+    storage_options: StorageOptions = execution({}, description="fsspec options for `paths`, e.g. {'anon': true} for a public bucket")
     chunk_bytes: int = execution(128 * 2**20, ge=1024, description="payload bytes per output Parquet file; a big WARC file becomes several")
 
 
@@ -424,6 +425,16 @@ class PipelineConfig(Section):
     sft: SftConfig = SftConfig()
     reward_model: RewardModelConfig = RewardModelConfig()
     dpo: DpoConfig = DpoConfig()
+
+    @model_validator(mode="after")
+    def _post_training_has_its_inputs(self) -> "PipelineConfig":
+        # a disabled stage passes its first input through: a trainer would get the wrong data
+        needs = {"sft": ("sft_data",), "reward_model": ("preference_data", "sft"), "dpo": ("preference_data", "sft")}
+        for stage, inputs in needs.items():
+            off = [name for name in inputs if not getattr(self, name).enabled]
+            if getattr(self, stage).enabled and off:
+                raise ValueError(f"{stage} is enabled but needs {', '.join(off)}: set {', '.join(f'{n}.enabled: true' for n in off)} (or {stage}.enabled: false)")
+        return self
 
 
 # --------------------------------------------------------------------------- loading

@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 
 from lmfoundry.infra.config_base import Section, execution
 from lmfoundry.infra.config_train import TrainRecipe
+from lmfoundry.infra.credentials import StorageOptions
 
 # the row shapes a chat source may hold (tasks/chat/shapes.py); "auto" decides per row
 ChatFormat = Literal["auto", "messages", "instruction", "prompt_response", "preference", "hh_rlhf"]
@@ -23,7 +24,7 @@ class ChatSourceConfig(Section):
     paths: list[str] = Field(description="files, directories or globs (local, s3://...)")
     format: ChatFormat = Field("auto", description="row shape; auto detects it per row from the keys")
     name: str | None = Field(None, description="label in the stats (default: the first path)")
-    storage_options: dict[str, Any] = execution(
+    storage_options: StorageOptions = execution(
         {}, description="fsspec options for these paths, e.g. an S3 endpoint (they are stored in the manifest: keep credentials in the environment)"
     )
 
@@ -35,7 +36,7 @@ class ChatSourceConfig(Section):
 
 
 class _ChatDataConfig(Section):
-    enabled: bool = True
+    enabled: bool = Field(False, description="off unless you have the data: configs/demo.yaml turns post-training on")
     sources: list[ChatSourceConfig] = Field(default_factory=list, description="your data; read in order")
     builtin: Literal["chatterbot"] | None = Field(
         None, description="add the demo corpus shipped in the chatterbot-corpus wheel (no download); null for real data only"
@@ -61,7 +62,7 @@ class SftConfig(TrainRecipe):
 
     section_name = "sft"
 
-    enabled: bool = True
+    enabled: bool = Field(False, description="off unless you have the data: configs/demo.yaml turns post-training on")
     steps: int = Field(40, ge=1, description="optimizer steps")
     lr: float = Field(1e-3, gt=0, description="peak learning rate; below pretraining's (the demo pretrains at 3e-3; large models fine-tune at ~1e-5)")
     min_lr: float = Field(1e-5, ge=0, description="floor the cosine decays to")
@@ -75,7 +76,7 @@ class SftConfig(TrainRecipe):
 class _PreferenceRecipe(TrainRecipe):
     """The recipe defaults of the two preference stages (batch = pairs)."""
 
-    enabled: bool = True
+    enabled: bool = Field(False, description="off unless you have the data: configs/demo.yaml turns post-training on")
     steps: int = Field(40, ge=1, description="optimizer steps")
     global_batch_size: int = Field(8, ge=1, description="preference pairs per optimizer step over all ranks")
     min_lr: float = Field(1e-5, ge=0, description="floor the cosine decays to")

@@ -83,6 +83,16 @@ def test_deployment_file_errors_name_the_fix(tmp_path):
 
     assert parse_schedule_option("data-refresh=0 */6 * * *") == ("data-refresh", {"cron": "0 */6 * * *"})
     assert parse_schedule_option("data-refresh=30") == ("data-refresh", {"interval": 30.0})
+    with pytest.raises(DeploymentFileError, match="has 6 fields; use five"):
+        parse_schedule_option("data-refresh=0 0 3 * * *")
+    with pytest.raises(DeploymentFileError, match="is not valid"):
+        parse_schedule_option("data-refresh=61 * * * *")
+    with pytest.raises(DeploymentFileError, match="positive number of seconds"):
+        parse_schedule_option("data-refresh=-5")
+    bad_file = tmp_path / "prefect.yaml"
+    bad_file.write_text((REPO / "deployments" / "prefect.yaml").read_text().replace('cron: "0 3 * * *"', 'cron: "0 0 3 * * *"'))
+    with pytest.raises(DeploymentFileError, match="schedule nightly: cron '0 0 3 \\* \\* \\*' has 6 fields"):
+        runner_deployments(bad_file, only=["data-refresh"])
     with pytest.raises(DeploymentFileError, match="defines: data-refresh, pretrain, post-train, end-to-end"):
         runner_deployments(only=["nope"])
     with pytest.raises(DeploymentFileError, match="does not exist"):

@@ -3,6 +3,7 @@ and pretraining is chained only after the run that produced new data."""
 from __future__ import annotations
 
 import json
+import subprocess
 
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, DeploymentFilter, DeploymentFilterName, FlowRunFilter, FlowRunFilterDeploymentId
 
@@ -10,7 +11,7 @@ from lmfoundry.flows.data_refresh import data_stages
 from lmfoundry.infra.store import Store
 from lmfoundry.infra.config import load_config
 from tests.flows.corpus import enabled_data_stages, expected_actions, make_corpus, write_preset
-from tests.flows.server import start_serve, stop_process, wait_for
+from tests.flows.server import VENV_BIN, start_serve, stop_process, wait_for
 
 DATA_STAGES = [spec.name for spec in data_stages()]
 
@@ -41,6 +42,13 @@ def test_interval_schedule_skips_all_work_when_nothing_changed(prefect_server, t
             pretrain = wait_for(lambda: _deployment(client, "pretrain"), 30, what="the served pretrain deployment")
             assert refresh.schedules[0].schedule.interval.total_seconds() == 4
             assert refresh.schedules[0].parameters == {"then_pretrain": True}  # per-run parameters kept from prefect.yaml
+            # a second serve of the same deployment is refused while the first one polls
+            wait_for(lambda: _deployment(client, "data-refresh").last_polled, 30, what="the first serve's poll")
+            second = subprocess.run(
+                [str(VENV_BIN / "lmf"), "serve", "--config", str(preset), "--only", "data-refresh"],
+                env=prefect_server.env(), capture_output=True, text=True, timeout=120,
+            )
+            assert second.returncode == 2 and "already being served" in second.stderr, second.stderr[-2000:]
 
             def runs_after_the_data_was_committed():
                 done = {r.id: r for r in runs_of(client, refresh.id) if r.state_name == "Completed"}

@@ -86,3 +86,16 @@ def test_overrides_index_list_items():
     assert data["ingest"]["sources"][1]["paths"] == ["b/*"]  # the caller's data is not changed
     with pytest.raises(ConfigError, match="needs an index below 2"):
         build_config(data, ["ingest.sources.2.paths=[]"])
+
+
+def test_post_training_is_off_by_default_and_needs_its_data():
+    from lmfoundry.infra.config import build_config
+
+    default = build_config({})
+    assert not any(getattr(default, name).enabled for name in ("sft_data", "preference_data", "sft", "reward_model", "dpo"))
+    with pytest.raises(ConfigError, match="sft is enabled but needs sft_data"):
+        build_config({"sft": {"enabled": True}})
+    with pytest.raises(ConfigError, match="dpo is enabled but needs preference_data"):
+        build_config({"sft_data": {"enabled": True}, "sft": {"enabled": True}, "dpo": {"enabled": True}})
+    demo = load_config()  # the demo preset runs the whole pipeline
+    assert all(getattr(demo, name).enabled for name in ("sft_data", "preference_data", "sft", "reward_model", "dpo"))
