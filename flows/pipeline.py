@@ -26,6 +26,9 @@ STAGES: list[StageSpec] = [
     StageSpec("sft_data", TASKS + "chat.sft_data:run_sft_data", section="sft_data", inputs=("train_tokenizer",)),
     StageSpec("preference_data", TASKS + "chat.preference_data:run_preference_data", section="preference_data", inputs=("train_tokenizer",)),
     StageSpec("pretrain", TASKS + "train.pretrain:run_pretrain", section=("model", "pretrain"), inputs=("tokenize", "train_tokenizer"), gpu=True),
+    StageSpec("sft", TASKS + "train.sft:run_sft", section=("model", "sft"), inputs=("sft_data", "pretrain", "train_tokenizer"), gpu=True),
+    StageSpec("reward_model", TASKS + "train.reward_model:run_reward_model", section="reward_model", inputs=("preference_data", "sft"), gpu=True),
+    StageSpec("dpo", TASKS + "train.dpo:run_dpo", section="dpo", inputs=("preference_data", "sft", "train_tokenizer"), gpu=True),
 ]
 
 STAGE_NAMES = [spec.name for spec in STAGES]
