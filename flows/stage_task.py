@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 import uuid
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from prefect import get_run_logger, task
@@ -29,9 +28,10 @@ from prefect.context import get_run_context
 
 from lmfoundry.flows.params import Rerun
 from lmfoundry.flows.pipeline import STAGES, stage, stages_until
+from lmfoundry.flows.summary import StagesResult, model_location, print_summary, summary_table  # noqa: F401  (re-exported)
 from lmfoundry.infra import report
 from lmfoundry.infra.config import ComputeConfig, PipelineConfig
-from lmfoundry.infra.stage import PlanRow, StageOutcome, StageSpec, downstream, plan, run_stage
+from lmfoundry.infra.stage import PlanRow, StageOutcome, StageSpec, check_inputs, downstream, plan, run_stage
 from lmfoundry.infra.store import StageRef, Store
 
 
@@ -114,17 +114,6 @@ def publish_plan(rows: list[PlanRow], pipeline: str) -> None:
 # ------------------------------------------------------------------ the stage loop
 
 
-@dataclass
-class StagesResult:
-    refs: dict[str, StageRef | None] = field(default_factory=dict)
-    actions: dict[str, str] = field(default_factory=dict)  # ran / skipped / disabled / from ref
-    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage this run executed
-    plan: list[PlanRow] | None = None
-
-    def ran(self) -> list[str]:
-        return [name for name, action in self.actions.items() if action == "ran"]
-
-
 def select_stages(stages: list[StageSpec], rerun: Rerun) -> list[StageSpec]:
     if rerun.from_stage is None:
         return list(stages)
@@ -162,6 +151,7 @@ def run_stages(
     selected = select_stages(stages, rerun)
     if not selected:
         return StagesResult()
+    check_inputs(selected, config)  # a path that matches nothing fails here, before any stage runs
     start = {str(rerun.from_stage)} if rerun.force and rerun.from_stage else set()
     forced = downstream(STAGES, set(force) | start)
     if plan_only:
@@ -188,16 +178,6 @@ def run_stages(
     return result
 
 
-def model_location(store: Store, result: StagesResult) -> str | None:
-    """The Hugging Face export of the last training stage in this run, if it wrote one."""
-    for name in reversed(list(result.refs)):
-        ref = result.refs[name]
-        manifest = store.manifest(ref.stage, ref.version) if ref else None
-        if manifest and str(manifest.get("stats", {}).get("exported", "")).startswith("hf"):
-            return f"{store.version_path(ref.stage, ref.version)}/hf"
-    return None
-
-
 def _input_ref(store, config, result: StagesResult, name: str, selected: set[str]) -> StageRef | None:
     if name in result.refs:
         return result.refs[name]
@@ -212,25 +192,8 @@ def _input_ref(store, config, result: StagesResult, name: str, selected: set[str
 def publish_summary(store: Store, config: PipelineConfig, result: StagesResult) -> None:
     """The run's summary as a table artifact and as printed lines: what ran or was reused, how much
     each stage holds (docs, tokens or files), how long it took, and where the model is."""
-    table = []
-    for name, action in result.actions.items():
-        ref = result.refs.get(name)
-        manifest = store.manifest(ref.stage, ref.version) if ref else None
-        table.append(
-            {
-                "stage": name,
-                "action": action,
-                "version": ref.version if ref else "-",
-                "holds": report.size_label(report.StageInfo(name, ref.version, manifest)) if manifest else "-",
-                "seconds": f"{result.seconds[name]:.1f}" if name in result.seconds else "-",
-                "committed_by_run": (manifest.get("run_id") or "-") if manifest else "-",
-            }
-        )
-    for row in table:
-        print(f"{row['stage']:<24} {row['action']:<9} {row['version']:<18} {row['holds']:<28} {row['seconds']:>7} s")
-    model = model_location(store, result)
-    if model:
-        print(f"model: {model} (Hugging Face format: transformers' from_pretrained loads it)")
+    table = summary_table(store, result)
+    print_summary(store, table, result)
     create_table_artifact(
         key=artifact_key(f"{config.store.pipeline}-run-summary"),
         table=table,

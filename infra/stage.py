@@ -17,7 +17,9 @@ from pydantic import BaseModel
 
 from lmfoundry.infra.config import PipelineConfig, Section
 from lmfoundry.infra.config_base import Sections
+from lmfoundry.infra.files import InputError
 from lmfoundry.infra.store import StageRef, Store, stage_version
+from lmfoundry.infra.verify import describe, finish_repair, pending_repair, size_damage, uncommit
 
 log = logging.getLogger("lmfoundry.stage")
 
@@ -92,24 +94,38 @@ def run_stage(
     salt: str = "",
     run_id: str | None = None,
 ) -> StageOutcome:
-    """Run one stage unless this exact version is committed; returns the committed ref."""
+    """Run one stage unless this exact version is committed (and intact); returns the committed ref.
+
+    A committed version whose files are missing or of the wrong size is un-committed first
+    (infra/verify.py), so this call recomputes just those files.
+    """
     cfg = spec.config(root)
     version = spec.version(root, [ref.digest for ref in inputs], salt)
-    if not store.is_committed(spec.name, version):
-        with store.lease(spec.name, version):
+    manifest = store.manifest(spec.name, version)
+    if manifest is not None and (damaged := size_damage(store, spec.name, version, manifest)):
+        uncommit(store, spec.name, version, damaged, manifest)
+        manifest = None
+    if manifest is None:
+        with store.lease(spec.name, version) as lease:
             # another writer may have committed while we waited for the lease
             if not store.is_committed(spec.name, version):
-                return _run_and_commit(store, spec, cfg, root, inputs, version, salt, run_id)
+                return _run_and_commit(store, spec, cfg, root, inputs, version, salt, run_id, lease)
+        manifest = store.manifest(spec.name, version)
     log.info("stage %s version %s is committed: reusing it", spec.name, version)
-    manifest = store.manifest(spec.name, version)
     store.set_ref(root.store.pipeline, spec.name, version, run_id)
-    return StageOutcome(ref=store.ref(spec.name, version), status="skipped", stats=manifest.get("stats", {}))
+    ref = StageRef(stage=spec.name, version=version, store_url=store.url, digest=manifest["digest"])
+    return StageOutcome(ref=ref, status="skipped", stats=manifest.get("stats", {}))
 
 
-def _run_and_commit(store, spec, cfg, root, inputs, version, salt, run_id) -> StageOutcome:
-    out = store.open_for_write(spec.name, version)
+def _run_and_commit(store, spec, cfg, root, inputs, version, salt, run_id, lease=None) -> StageOutcome:
+    out = store.open_for_write(spec.name, version, lease)
     resumed = len(out.marked_files())
-    log.info("stage %s version %s: running%s", spec.name, version, f" (resuming, {resumed} files already done)" if resumed else "")
+    repair = pending_repair(store, spec.name, version)
+    if repair:
+        log.warning("stage %s version %s: recomputing %d damaged file(s), reusing the %d intact ones (%s)",
+                    spec.name, version, len(repair["files"]), resumed, describe(repair["files"]))
+    else:
+        log.info("stage %s version %s: running%s", spec.name, version, f" (resuming, {resumed} files already done)" if resumed else "")
     stats = stats_dict(spec.function()(cfg, inputs, out, compute=root.compute))
     ref = store.commit(
         out,
@@ -122,9 +138,12 @@ def _run_and_commit(store, spec, cfg, root, inputs, version, salt, run_id) -> St
             "salt": salt,
             "run_id": run_id,
             "resumed_files": resumed,
+            "repaired_files": sorted(repair["files"]) if repair else [],
             "stats": stats,
         },
     )
+    if repair:
+        finish_repair(store, spec.name, version)
     store.set_ref(root.store.pipeline, spec.name, version, run_id)
     return StageOutcome(ref=ref, status="ran", stats=stats)
 
@@ -152,15 +171,42 @@ def plan(store: Store, stages: list[StageSpec], root: PipelineConfig, forced: se
             continue
         version = spec.version(root, [digests[name] for name in spec.inputs if digests[name] is not None])
         manifest = store.manifest(spec.name, version)
+        damaged = size_damage(store, spec.name, version, manifest) if manifest is not None else {}
         if spec.name in forced:
             rows.append(PlanRow(stage=spec.name, version=version, action="run", current=current, reason="forced"))
-        elif manifest is not None:
+        elif manifest is not None and not damaged:
             digests[spec.name] = manifest["digest"]
             rows.append(PlanRow(stage=spec.name, version=version, action="skip", current=current, reason="committed with this config and inputs"))
         else:
-            why = "never run" if current is None else f"config, code or inputs changed since {current}"
-            rows.append(PlanRow(stage=spec.name, version=version, action="run", current=current, reason=why))
+            rows.append(PlanRow(stage=spec.name, version=version, action="run", current=current, reason=why_run(store, spec.name, version, current, damaged)))
     return rows
+
+
+def why_run(store: Store, stage: str, version: str, current: str | None, damaged: dict[str, str]) -> str:
+    """Why a stage version that is not (or no longer) usable will run."""
+    redo = "a run recomputes only those files and reuses the rest"
+    if damaged:
+        return f"{describe(damaged)}; {redo}"
+    repair = pending_repair(store, stage, version)
+    if repair:
+        return f"not committed: {describe(repair['files'])}; {redo}"
+    if current == version:
+        return "not committed: no manifest (a run stopped before its commit, or the manifest is unreadable); a run resumes it"
+    return "never run" if current is None else f"config, code or inputs changed since {current}"
+
+
+def check_inputs(stages: list[StageSpec], root: PipelineConfig) -> None:
+    """Raise one InputError naming every configured input (files, globs, models named in the
+    config) of the enabled `stages` that cannot be read, before anything runs."""
+    problems = []
+    for spec in stages:
+        if spec.enabled(root):
+            try:
+                spec.external_fingerprint(spec.config(root))
+            except InputError as exc:
+                problems.append(f"{spec.name}: {exc}")
+    if problems:
+        raise InputError(problems[0] if len(problems) == 1 else "inputs that cannot be read:\n  " + "\n  ".join(problems))
 
 
 def downstream(stages: list[StageSpec], names: set[str]) -> set[str]:

@@ -12,6 +12,13 @@ Layout under the store root::
 A version directory without manifest.json is not committed and is never read. A committed
 version is never written again. Files are written whole (tmp + rename locally, one PUT on
 S3), then marked, so a crash leaves at most unmarked garbage that the next run rewrites.
+
+Integrity (infra/integrity.py): a reader checks every file's size on every read and its
+checksum the first time a process uses it. A damaged committed file un-commits its version
+(`Store.uncommit`): the damaged files' markers go, then the manifest, so the next run of the
+stage resumes in the same directory, reuses every intact file and recomputes the damaged
+ones. A manifest, marker, ref or lease that is not whole JSON (cut short by power loss) reads
+as absent, with a warning naming the file: not committed, not done, no ref, abandoned.
 """
 from __future__ import annotations
 
@@ -22,34 +29,51 @@ import json
 import logging
 import os
 import posixpath
-import socket
 import subprocess
-import threading
-import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
 import fsspec
-import xxhash
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict
 
 from lmfoundry.infra import faults
+from lmfoundry.infra.credentials import WHERE_INSTEAD, secret_options
+from lmfoundry.infra.integrity import bytes_problem, checksum, file_problem
+from lmfoundry.infra.lease import Lease, acquire
 
 log = logging.getLogger("lmfoundry.store")
 
 MANIFEST = "manifest.json"
 MARKERS = "_markers"
 LEASE = "_lease.json"
+DAMAGED = "_damaged"  # <version>/_damaged/<time>/: the damaged files and the manifest they were committed in
+REPAIR = "_repair.json"  # <version>/_repair.json: the damaged files the next run recomputes
 
 
 class StoreError(RuntimeError):
     pass
+
+
+class TornFile(StoreError):
+    """A JSON file of the store that is not whole JSON (cut short by a crash or power loss)."""
+
+
+class DamagedFile(StoreError):
+    """Committed files whose size or checksum differ from their manifest (the version is un-committed)."""
+
+    def __init__(self, stage: str, version: str, damaged: dict[str, str], store_url: str):
+        self.stage, self.version, self.damaged = stage, version, damaged
+        listed = "; ".join(f"{store_url.rstrip('/')}/stages/{stage}/{version}/{rel}: {why}" for rel, why in sorted(damaged.items()))
+        super().__init__(
+            f"damaged file(s) in stage '{stage}' version {version}: {listed}. The version is no longer committed: "
+            f"run again and stage '{stage}' recomputes only these file(s), reusing the intact ones"
+        )
 
 
 class StageRef(BaseModel):
@@ -71,11 +95,6 @@ def stage_version(stage: str, code_version: str, identity: dict[str, Any], input
         default=str,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def checksum(data: bytes) -> str:
-    """File checksum: xxh3-128 (10+ GB/s; integrity and content identity, not security)."""
-    return "xxh3_128:" + xxhash.xxh3_128_hexdigest(data)
 
 
 def utc_now() -> str:
@@ -104,6 +123,8 @@ class Store:
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None, lease_ttl_s: float = 120.0):
         self.url = url
+        if secrets := secret_options(storage_options or {}):
+            raise StoreError(f"store storage_options {', '.join(repr(p) for p in secrets)}: {WHERE_INSTEAD}")
         self.storage_options = dict(storage_options or {})
         self.fs, self.root = fsspec.core.url_to_fs(url, **self.storage_options)
         self.lease_ttl_s = lease_ttl_s
@@ -143,13 +164,16 @@ class Store:
             tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
             with open(tmp, "wb") as f:
                 f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before it is linked: power loss cannot leave it cut short
             try:
                 os.link(tmp, path)  # atomic and exclusive: readers never see a half-written lease
-                return True
             except FileExistsError:
                 return False
             finally:
                 os.unlink(tmp)
+            _fsync_dir(posixpath.dirname(path))
+            return True
         try:
             self.fs.pipe_file(path, data, mode="create")  # S3 conditional write (If-None-Match: *)
             return True
@@ -158,18 +182,33 @@ class Store:
                 return False
             raise
 
-    def read_json(self, path: str) -> dict | None:
+    def read_json(self, path: str) -> Any:
+        """The parsed file; None when it does not exist; TornFile (naming it) when it is not whole JSON."""
         try:
-            return json.loads(self.fs.cat_file(path))
+            data = self.fs.cat_file(path)
         except FileNotFoundError:
+            return None
+        try:
+            return json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise TornFile(f"{self.url.rstrip('/')}/{posixpath.relpath(path, self.root)} is not whole JSON ({len(data)} bytes: {exc})") from exc
+
+    def read_json_or_none(self, path: str, consequence: str) -> Any:
+        """Like read_json, but a torn file reads as absent, with a warning naming it and the consequence."""
+        try:
+            return self.read_json(path)
+        except TornFile as exc:
+            log.warning("%s: %s", exc, consequence)
             return None
 
     # ------------------------------------------------------------------ versions
     def is_committed(self, stage: str, version: str) -> bool:
-        return self.fs.exists(posixpath.join(self.version_path(stage, version), MANIFEST))
+        return self.manifest(stage, version) is not None
 
     def manifest(self, stage: str, version: str) -> dict | None:
-        return self.read_json(posixpath.join(self.version_path(stage, version), MANIFEST))
+        """The manifest of a committed version; None when there is none or it is torn (not committed)."""
+        path = posixpath.join(self.version_path(stage, version), MANIFEST)
+        return self.read_json_or_none(path, f"stage '{stage}' version {version} is treated as not committed; the next run recomputes it")
 
     def ref(self, stage: str, version: str) -> StageRef:
         manifest = self.manifest(stage, version)
@@ -189,10 +228,10 @@ class Store:
         except FileNotFoundError:
             return []
 
-    def open_for_write(self, stage: str, version: str) -> "StageDir":
+    def open_for_write(self, stage: str, version: str, lease: Lease | None = None) -> "StageDir":
         if self.is_committed(stage, version):
             raise StoreError(f"stage '{stage}' version {version} is committed and can never be written again")
-        return StageDir(self, stage, version)
+        return StageDir(self, stage, version, lease)
 
     def reader(self, ref: StageRef) -> "StageReader":
         manifest = self.manifest(ref.stage, ref.version)
@@ -217,9 +256,20 @@ class Store:
         }
         faults.hit(out.stage, "before_commit")
         if self.is_local:
+            self._remove_leftover_tmp(out.path)
             os.sync()  # one flush of every file written before the manifest makes them visible
-        self.write_bytes_atomic(posixpath.join(out.path, MANIFEST), json.dumps(manifest, indent=2, default=str).encode(), durable=True)
+        with out.lease.guard() if out.lease else nullcontext():
+            self.write_bytes_atomic(posixpath.join(out.path, MANIFEST), json.dumps(manifest, indent=2, default=str).encode(), durable=True)
         return StageRef(stage=out.stage, version=out.version, store_url=self.url, digest=digest)
+
+    def _remove_leftover_tmp(self, path: str) -> None:
+        """Half-written `.tmp-` files of crashed writers never stay inside a committed version
+        (only the lease holder writes here, and its own writes are finished)."""
+        for leftover in [p for p in self.fs.find(path) if ".tmp-" in posixpath.basename(p)]:
+            try:
+                self.fs.rm_file(leftover)
+            except FileNotFoundError:
+                pass
 
     # ------------------------------------------------------------------ named refs
     def set_ref(self, pipeline: str, stage: str, version: str, run_id: str | None = None) -> None:
@@ -232,7 +282,8 @@ class Store:
             names = sorted(self.fs.ls(self.path("refs", pipeline, stage), detail=False))
         except FileNotFoundError:
             return []
-        return [json.loads(self.fs.cat_file(n)) for n in names if n.endswith(".json")]
+        bodies = [self.read_json_or_none(n, "this ref is skipped") for n in names if n.endswith(".json")]
+        return [body for body in bodies if isinstance(body, dict) and "version" in body]
 
     def get_ref(self, pipeline: str, stage: str) -> str | None:
         history = self.ref_history(pipeline, stage)
@@ -240,88 +291,44 @@ class Store:
 
     # ------------------------------------------------------------------ leases
     @contextmanager
-    def lease(self, stage: str, version: str, poll_s: float = 0.5) -> Iterator[None]:
-        """Exclusive right to write one stage version; a second writer waits here.
+    def lease(self, stage: str, version: str, poll_s: float = 0.5) -> Iterator[Lease]:
+        """Exclusive right to write one stage version; a second writer waits here (infra/lease.py).
 
-        A lease is abandoned when its owner stops renewing it (ttl) or, on the same host,
-        when the owner process is gone; then the next writer takes it over and resumes.
+        A lease is abandoned when its owner stops renewing it (ttl), when the owner process on
+        this host is gone, or when its file is torn; then the next writer takes it over and resumes.
         """
-        path = posixpath.join(self.version_path(stage, version), LEASE)
-        token = uuid.uuid4().hex
-        waited = False
-        while not self.create_exclusive(path, self._lease_body(token)):
-            holder = self.read_json(path)
-            if holder is not None and self._lease_abandoned(holder):
-                log.warning("taking over abandoned lease of %s/%s from %s", stage, version, holder.get("owner"))
-                self.fs.rm_file(path)
-                continue
-            if not waited:
-                log.info("stage %s/%s is being written by %s; waiting", stage, version, (holder or {}).get("owner"))
-                waited = True
-            time.sleep(poll_s)
-        stop = threading.Event()
-        renewer = threading.Thread(target=self._renew_lease, args=(path, token, stop), daemon=True)
-        renewer.start()
+        held = acquire(self, stage, version, poll_s)
         try:
-            yield
+            yield held
         finally:
-            stop.set()
-            renewer.join()
-            try:
-                self.fs.rm_file(path)
-            except FileNotFoundError:
-                pass
-
-    def _lease_body(self, token: str) -> bytes:
-        return json.dumps(
-            {
-                "owner": f"{socket.gethostname()}:{os.getpid()}",
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "token": token,
-                "expires_at": time.time() + self.lease_ttl_s,
-            }
-        ).encode()
-
-    def _renew_lease(self, path: str, token: str, stop: threading.Event) -> None:
-        while not stop.wait(self.lease_ttl_s / 3):
-            self.write_bytes_atomic(path, self._lease_body(token))
-
-    def _lease_abandoned(self, holder: dict) -> bool:
-        if holder.get("expires_at", 0) < time.time():
-            return True
-        if holder.get("host") == socket.gethostname():
-            return not _pid_alive(int(holder.get("pid", -1)))
-        return False
+            held.release()
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
+def _fsync_dir(path: str) -> None:
+    """Make a new directory entry (a linked lease) durable too."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie (killed, not yet reaped) is not alive for our purposes
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class StageDir:
     """Where a running stage writes. Every file goes through write_* so it is marked.
 
-    ``done(relpath)`` tells a resuming stage which outputs are already complete.
+    ``done(relpath)`` tells a resuming stage which outputs are already complete. With a
+    `lease` (the stage runner passes its own), every write first checks the lease is still ours.
     """
 
-    def __init__(self, store: Store, stage: str, version: str):
-        self.store, self.stage, self.version = store, stage, version
+    def __init__(self, store: Store, stage: str, version: str, lease: Lease | None = None):
+        self.store, self.stage, self.version, self.lease = store, stage, version, lease
         self.path = store.version_path(stage, version)
         self._marked_count = 0
+
+    def __getstate__(self) -> dict:
+        # shard workers in other processes (processes / Dask) get no lease: it holds a thread;
+        # the committing process still checks it before the manifest is written
+        return {**self.__dict__, "lease": None}
 
     def _marker_path(self, relpath: str) -> str:
         return posixpath.join(self.path, MARKERS, relpath + ".json")
@@ -337,9 +344,11 @@ class StageDir:
             return False
 
     def marker(self, relpath: str) -> dict | None:
-        return self.store.read_json(self._marker_path(relpath))
+        return self.store.read_json_or_none(self._marker_path(relpath), f"{relpath} counts as not written and is written again")
 
     def write_bytes(self, relpath: str, data: bytes, rows: int | None = None, **extra: Any) -> None:
+        if self.lease is not None:
+            self.lease.check()
         self.store.write_bytes_atomic(posixpath.join(self.path, relpath), data)
         marker = {"size": len(data), "checksum": checksum(data), "rows": rows, **extra}
         self.store.write_bytes_atomic(self._marker_path(relpath), json.dumps(marker).encode())
@@ -365,7 +374,16 @@ class StageDir:
                     self.store.fs.rm_file(path)
 
     def read_bytes(self, relpath: str) -> bytes:
-        return self.store.fs.cat_file(posixpath.join(self.path, relpath))
+        """A file this stage wrote; a marked (done) file is checked against its marker, and a
+        damaged one loses its marker so the next run writes it again."""
+        path = posixpath.join(self.path, relpath)
+        data = self.store.fs.cat_file(path)
+        marker = self.marker(relpath)
+        problem = bytes_problem(f"{self.store.url}|{path}", data, marker) if marker else None
+        if problem:
+            self.store.fs.rm_file(self._marker_path(relpath))
+            raise DamagedFile(self.stage, self.version, {relpath: problem}, self.store.url)
+        return data
 
     def read_table(self, relpath: str) -> pa.Table:
         return pq.read_table(io.BytesIO(self.read_bytes(relpath)))
@@ -379,7 +397,9 @@ class StageDir:
             if not marker.endswith(".json") or ".tmp-" in marker:
                 continue
             rel = posixpath.relpath(marker, root)[: -len(".json")]
-            out[rel] = json.loads(self.store.fs.cat_file(marker))
+            body = self.store.read_json_or_none(marker, f"{rel} counts as not written")
+            if body is not None:
+                out[rel] = body
         return out
 
 
@@ -394,9 +414,29 @@ class StageReader:
         return sorted(p for p in self.manifest["files"] if p.startswith(prefix) and p.endswith(suffix))
 
     def read_bytes(self, relpath: str) -> bytes:
+        """The file's bytes, checked: size always, checksum the first time this process reads it."""
+        entry = self._entry(relpath)
+        path = posixpath.join(self.path, relpath)
+        try:
+            data = self.store.fs.cat_file(path)
+        except FileNotFoundError:
+            self._damaged_if(relpath, "missing")
+        self._damaged_if(relpath, bytes_problem(f"{self.store.url}|{path}", data, entry))
+        return data
+
+    def _entry(self, relpath: str) -> dict:
         if relpath not in self.manifest["files"]:
             raise StoreError(f"{relpath} is not part of committed stage {self.ref.stage}/{self.ref.version}")
-        return self.store.fs.cat_file(posixpath.join(self.path, relpath))
+        return self.manifest["files"][relpath]
+
+    def _damaged_if(self, relpath: str, problem: str | None) -> None:
+        """Un-commit this version when a file is damaged (with any other file of a wrong size) and raise."""
+        if problem:
+            from lmfoundry.infra.verify import size_damage, uncommit  # verify builds on this module
+
+            damaged = {**size_damage(self.store, self.ref.stage, self.ref.version, self.manifest), relpath: problem}
+            uncommit(self.store, self.ref.stage, self.ref.version, damaged, self.manifest)
+            raise DamagedFile(self.ref.stage, self.ref.version, damaged, self.store.url)
 
     def read_json(self, relpath: str) -> Any:
         return json.loads(self.read_bytes(relpath))
@@ -406,13 +446,21 @@ class StageReader:
 
     def local_path(self, relpath: str) -> str:
         """A local filesystem path for tools that need one (S3 files are cached once)."""
+        entry = self._entry(relpath)
         if self.store.is_local:
-            return posixpath.join(self.path, relpath)
+            path = posixpath.join(self.path, relpath)
+            try:
+                size = os.path.getsize(path)
+            except FileNotFoundError:
+                self._damaged_if(relpath, "missing")
+            self._damaged_if(relpath, file_problem(f"{self.store.url}|{path}", size, lambda: open(path, "rb"), entry))
+            return path
         cache = Path(os.environ.get("LMF_CACHE", Path.home() / ".cache" / "lmfoundry"))
         target = cache / self.ref.stage / self.ref.version / relpath
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + f".tmp-{uuid.uuid4().hex[:8]}")
-            tmp.write_bytes(self.read_bytes(relpath))
-            os.replace(tmp, target)
+        if target.exists() and file_problem(f"cache|{target}", target.stat().st_size, lambda: target.open("rb"), entry) is None:
+            return str(target)
+        target.parent.mkdir(parents=True, exist_ok=True)  # absent or a damaged cache copy: fetch (and check) again
+        tmp = target.with_name(target.name + f".tmp-{uuid.uuid4().hex[:8]}")
+        tmp.write_bytes(self.read_bytes(relpath))
+        os.replace(tmp, target)
         return str(target)

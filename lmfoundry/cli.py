@@ -2,13 +2,14 @@
 
     lmf run [--config F] [--until STAGE] [--force STAGE] [--set a.b=v] [--plan]
     lmf status [--config F] [--set a.b=v]
+    lmf verify [STAGE] [--config F] [--report-only]
     lmf show STAGE [--version V]
     lmf bench NAME [ARGS...]
     lmf serve [--config F] [--only NAME] [--schedule NAME=CRON|SECONDS]   (deployments/README.md)
     lmf deploy [--config F] [--gpu-pool-type process|kubernetes] [--gpu-slots N]
     lmf report [--config F] [--snapshot LABEL] [--out report.html]
 
-Exit codes: 0 ok, 1 a stage failed, 2 invalid config or input named in the message.
+Exit codes: 0 ok, 1 a stage failed (or `lmf verify` found damage), 2 invalid config or input named in the message.
 """
 from __future__ import annotations
 
@@ -41,12 +42,19 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_run(args) -> int:
     cfg = _config(args)
-    from lmfoundry.flows.pipeline import stage
+    from lmfoundry.flows.pipeline import stage, stages_until
+    from lmfoundry.infra.stage import check_inputs
 
     for name in ([args.until] if args.until else []) + args.force:
         stage(name)  # unknown names fail before anything starts
+    check_inputs(stages_until(args.until), cfg)  # so does a configured input that cannot be read
     if args.plan:
         return cmd_status(args, cfg)
+    if not args.force:
+        from lmfoundry.flows.summary import answer_if_committed
+
+        if answer_if_committed(cfg, args.until) is not None:
+            return 0  # everything is committed: answered without starting Prefect
     from lmfoundry.flows.end_to_end import end_to_end
 
     end_to_end(config=cfg, until=args.until, force=args.force)  # the flow prints the run's summary
@@ -89,7 +97,8 @@ def state_of(row) -> str:
         return "disabled (passes its input through)"
     if row.action == "skip":
         return "fresh" if row.current == row.version else "fresh (committed; the ref points at another run)"
-    return f"stale: {row.reason}" if row.current else row.reason
+    # the ref's own version without a usable manifest is "not committed" or "damaged", not stale
+    return f"stale: {row.reason}" if row.current and row.current != row.version else row.reason
 
 
 def _human(n: int) -> str:
@@ -112,6 +121,32 @@ def cmd_show(args) -> int:
         return 2
     print(json.dumps(manifest, indent=2))
     return 0
+
+
+def cmd_verify(args) -> int:
+    """Check every file of every committed version (or one stage's) against its manifest:
+    size and xxh3 checksum. Damaged versions are un-committed so the next `lmf run` recomputes
+    only their damaged files (unless --report-only). Exit 0 clean, 1 damaged."""
+    from lmfoundry.infra.store import Store
+    from lmfoundry.infra.verify import verify_store
+
+    cfg = _config(args)
+    store = Store.from_config(cfg.store)
+    stages = [args.stage] if args.stage else None
+    if args.stage and args.stage not in store.stages():
+        print(f"lmf verify: stage '{args.stage}' has nothing in {cfg.store.url}; stages there: {', '.join(store.stages()) or 'none'}", file=sys.stderr)
+        return 2
+    checks = verify_store(store, stages, repair=not args.report_only)
+    damaged = [check for check in checks if check.damaged]
+    for check in damaged:
+        for relpath, why in sorted(check.damaged.items()):
+            print(f"DAMAGED {cfg.store.url.rstrip('/')}/stages/{check.stage}/{check.version}/{relpath}: {why}")
+        if check.uncommitted:
+            print(f"  -> stage '{check.stage}' version {check.version} is no longer committed; `lmf run` recomputes only these files")
+    files, size = sum(c.files for c in checks), sum(c.bytes for c in checks)
+    print(f"checked {files} files ({_human(size)}) in {len(checks)} committed versions: "
+          + (f"{sum(len(c.damaged) for c in damaged)} damaged in {len(damaged)} versions" if damaged else "all intact"))
+    return 1 if damaged else 0
 
 
 def cmd_bench(args) -> int:
@@ -213,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("status", help="table of stages: version, committed, fresh or stale")
     _add_config_args(p)
     p.set_defaults(fn=cmd_status)
+    p = sub.add_parser("verify", help="check every committed file's size and checksum (exit 1 when damaged)")
+    _add_config_args(p)
+    p.add_argument("stage", nargs="?", help="only this stage (default: every stage in the store)")
+    p.add_argument("--report-only", action="store_true", help="only report; leave damaged versions committed")
+    p.set_defaults(fn=cmd_verify)
     p = sub.add_parser("show", help="print a stage's manifest")
     _add_config_args(p)
     p.add_argument("stage")
@@ -244,12 +284,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from lmfoundry.infra.config import ConfigError
     from lmfoundry.infra.files import InputError
+    from lmfoundry.infra.store import DamagedFile
 
     try:
         return args.fn(args)
     except (ConfigError, InputError) as exc:
         print(f"lmf: {exc}", file=sys.stderr)
         return 2
+    except DamagedFile as exc:  # the store un-committed the damaged files: a rerun repairs them
+        print(f"lmf: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
