@@ -46,11 +46,26 @@ class MissingUpstream(RuntimeError):
 @contextmanager
 def gpu_slot(spec: StageSpec, compute: ComputeConfig) -> Iterator[None]:
     """Hold `compute.gpu_slots` slots of the GPU concurrency limit while a training stage runs."""
-    if not spec.gpu or not compute.gpu_concurrency_limit:
+    if not spec.gpu or not compute.gpu_concurrency_limit or not limit_exists(compute.gpu_concurrency_limit):
         yield
         return
     with concurrency(compute.gpu_concurrency_limit, occupy=compute.gpu_slots):
         yield
+
+
+def limit_exists(name: str) -> bool:
+    """Whether the server has the GPU limit: `lmf serve` / `lmf deploy` create it; a local
+    `lmf run` (its own temporary server, one process) needs none."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            get_run_logger().info("no concurrency limit '%s' on this server: training without a GPU slot guard", name)
+            return False
+    return True
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)

@@ -23,6 +23,7 @@ What ``training`` does:
 from __future__ import annotations
 
 import collections
+import contextvars
 import json
 import logging
 import os
@@ -110,7 +111,9 @@ class Launch:
         self.proc = subprocess.Popen(
             cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True
         )
-        self.reader = threading.Thread(target=self._pump, daemon=True)
+        # the reader runs in a copy of this context, so its log lines stay attached to the
+        # caller's run (an orchestrator's run id lives in a context variable)
+        self.reader = threading.Thread(target=contextvars.copy_context().run, args=(self._pump,), daemon=True)
         self.reader.start()
 
     def _pump(self) -> None:
