@@ -63,6 +63,7 @@ class Lease:
         self.backend = LocalLeases(store) if store.is_local else S3Leases(store)
         self.lost = threading.Event()
         self.confirmed_at = time.monotonic()
+        self._renewing = threading.Lock()  # one renewal at a time per process (shard threads call check())
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
@@ -78,12 +79,15 @@ class Lease:
     # ------------------------------------------------------------------ holder side
     def renew(self) -> None:
         """Extend the lease if it is still ours; LeaseLost otherwise."""
-        started = time.monotonic()
-        with self.backend.critical(self.path):
-            holder, tag = self.backend.read(self.path)
-            if not self._ours(holder) or not self.backend.replace(self.path, self.body(), tag):
-                self._lose(holder)
-        self.confirmed_at = started
+        with self._renewing:
+            if self.lost.is_set():
+                self._lose(None)
+            started = time.monotonic()
+            with self.backend.critical(self.path):
+                holder, tag = self.backend.read(self.path)
+                if not self._ours(holder) or not self.backend.replace(self.path, self.body(), tag):
+                    self._lose(holder)
+            self.confirmed_at = started
 
     def check(self) -> None:
         """Before a write: raise LeaseLost if the lease is gone; confirm it after a long pause."""
@@ -119,7 +123,7 @@ class Lease:
     def _lose(self, holder: Any) -> None:
         self.lost.set()
         raise LeaseLost(
-            f"{self.what()} is now held by {_owner(holder)} (this writer paused for longer than "
+            f"{self.what()} is now held by {_owner(holder) if holder else 'another writer'} (this writer paused for longer than "
             f"store.lease_ttl_s={self.ttl:g}s?); this run stops writing: run again to reuse that writer's result"
         )
 

@@ -67,11 +67,12 @@ class TornFile(StoreError):
 class DamagedFile(StoreError):
     """Committed files whose size or checksum differ from their manifest (the version is un-committed)."""
 
-    def __init__(self, stage: str, version: str, damaged: dict[str, str], store_url: str):
+    def __init__(self, stage: str, version: str, damaged: dict[str, str], store_url: str, committed: bool = True):
         self.stage, self.version, self.damaged = stage, version, damaged
         listed = "; ".join(f"{store_url.rstrip('/')}/stages/{stage}/{version}/{rel}: {why}" for rel, why in sorted(damaged.items()))
+        what = "The version is no longer committed" if committed else "Its completion marker is removed"
         super().__init__(
-            f"damaged file(s) in stage '{stage}' version {version}: {listed}. The version is no longer committed: "
+            f"damaged file(s) in stage '{stage}' version {version}: {listed}. {what}: "
             f"run again and stage '{stage}' recomputes only these file(s), reusing the intact ones"
         )
 
@@ -382,7 +383,7 @@ class StageDir:
         problem = bytes_problem(f"{self.store.url}|{path}", data, marker) if marker else None
         if problem:
             self.store.fs.rm_file(self._marker_path(relpath))
-            raise DamagedFile(self.stage, self.version, {relpath: problem}, self.store.url)
+            raise DamagedFile(self.stage, self.version, {relpath: problem}, self.store.url, committed=False)
         return data
 
     def read_table(self, relpath: str) -> pa.Table:

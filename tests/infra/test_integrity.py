@@ -218,3 +218,12 @@ def test_a_missing_manifest_reads_not_committed_not_stale(store):
     assert state_of(row).startswith("not committed") and "stale" not in state_of(row)
     changed = plan(store, [NUMBERS], PipelineConfig.model_validate({"exact_dedup": {"normalize": "none"}}))[0]
     assert state_of(changed).startswith("stale: config, code or inputs changed")
+
+
+def test_a_damaged_file_of_an_unfinished_version_loses_its_marker(any_store):
+    out = StageDir(any_store, "numbers", "unfinished")
+    out.write_json("plan.json", {"shards": 3})
+    flip_middle_byte(any_store, posixpath.join(out.path, "plan.json"))
+    with pytest.raises(DamagedFile, match="plan.json: contents changed.*marker is removed"):
+        out.read_bytes("plan.json")
+    assert not out.done("plan.json")  # a resuming stage writes it again

@@ -154,3 +154,24 @@ def test_s3_renewal_and_release_are_conditional_on_the_etag_read(s3_store):
     assert not leases.replace(path, b'{"token": "first"}', stale)  # the old holder's renewal: 412
     assert not leases.delete(path, stale)  # the old holder's release: 412
     assert leases.read(path)[0] == {"token": "taker"}
+
+
+def test_shard_threads_renewing_at_once_do_not_lose_the_lease(any_store):
+    """Worker threads call check() (and so renew) together; on S3 two renewals from one process
+    must not 412 each other into a false LeaseLost."""
+    with any_store.lease("gated", "v3") as held:
+        errors = []
+
+        def renew():
+            try:
+                held.renew()
+            except LeaseLost as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=renew) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == [] and not held.lost.is_set()
+        held.check()
