@@ -8,6 +8,8 @@
     lmf serve [--config F] [--only NAME] [--schedule NAME=CRON|SECONDS]   (deployments/README.md)
     lmf deploy [--config F] [--gpu-pool-type process|kubernetes] [--gpu-slots N]
     lmf report [--config F] [--snapshot LABEL] [--out report.html]
+    lmf generate --model STAGE|DIR --prompt TEXT [--raw] [--temperature T] [--seed S]   (lmfoundry/talk.py)
+    lmf chat --model STAGE|DIR [--system TEXT]
 
 Exit codes: 0 ok, 1 a stage failed (or `lmf verify` found damage), 2 invalid config or input named in the message.
 """
@@ -280,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--snapshot", help="report this data-refresh snapshot instead of the current refs")
     p.add_argument("--out", default="lmf-report.html", help="output file (default: lmf-report.html)")
     p.set_defaults(fn=cmd_report)
+    from lmfoundry import talk
+
+    talk.add_commands(sub, _add_config_args)  # generate, chat
     args = parser.parse_args(argv)
 
     from lmfoundry.infra.config import ConfigError

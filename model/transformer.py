@@ -6,6 +6,7 @@
     logits, aux = model(tokens)          # tokens [B, T] -> logits [B, T, V]; aux: MoE balance loss
     logits, aux = model(tokens, positions, segments)  # packed rows: several conversations per row
     logits, aux, hidden = model(tokens, return_hidden=True)  # hidden [B, T, D]: final normed states
+    logits, aux = model(new_tokens, positions, segments, cache=cache)  # generation (model/generate.py)
 
 Pre-norm blocks: RMSNorm -> grouped-query attention with rotary embeddings (through
 ``F.scaled_dot_product_attention``, which picks flash / memory-efficient kernels on GPUs) ->
@@ -17,6 +18,11 @@ Packed rows (SFT): ``positions`` [B, T] restart at 0 at each packed conversation
 rotary tables, and ``segments`` [B, T] (any integer id per conversation) make attention
 block-diagonal causal, so a token never sees another conversation. Without them the row is
 one causal sequence and SDPA's ``is_causal`` fast path runs.
+
+Generation (model/generate.py) passes a ``KVCache``: each call appends its tokens' keys and
+values to preallocated buffers and attends over every filled slot, so a new token costs one
+token's work. Slot s is the same in every row of a batch (prompts are left-padded); the
+caller gives each token its position and segment (padding gets a segment of its own).
 
 Shape letters: B batch, T sequence, D d_model, H query heads, K key/value heads,
 Dh head dim (D / H), F feed-forward hidden, V vocabulary.
@@ -98,17 +104,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # [B, T, D]
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None, cache: "LayerCache | None" = None
+    ) -> torch.Tensor:  # [B, T, D]
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, Dh]
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, Dh]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # generation: keep these keys/values, attend over every filled slot
+            k, v = cache.store(k, v)  # [B, K, S, Dh], S = filled slots + T
         # each group of H / K query heads shares one key/value head
         gqa = self.n_kv_heads != self.n_heads
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # [B, H, T, Dh]
-        else:  # block-diagonal causal [B, 1, T, T]: the diagonal is always allowed, so no row is empty
+        else:  # block-diagonal causal [B, 1, T, S]: a token's own slot is always allowed, so no row is empty
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # [B, T, D]
 
@@ -135,8 +145,10 @@ class Block(nn.Module):
         else:
             self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)  # [B, T, D]
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None, cache: "LayerCache | None" = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)  # [B, T, D]
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             out, aux = self.mlp(h)
@@ -177,20 +189,28 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
         return_hidden: bool = False,
+        cache: "KVCache | None" = None,
     ):
         """tokens [B, T] -> logits [B, T, V], mean MoE balance loss over MoE layers (0 when dense);
         with return_hidden also the final normed hidden states [B, T, D] (what lm_head reads).
 
         positions [B, T]: rotary position of each token (default 0..T-1); segments [B, T]: tokens
-        attend only to earlier tokens of the same segment (default: one segment per row)."""
-        hidden, aux = self.hidden_states(tokens, positions, segments)
+        attend only to earlier tokens of the same segment (default: one segment per row).
+        cache: the tokens follow the cache's filled slots (positions and segments required)."""
+        hidden, aux = self.hidden_states(tokens, positions, segments, cache)
         logits = self.lm_head(hidden)  # [B, T, V]
         return (logits, aux, hidden) if return_hidden else (logits, aux)
 
     def hidden_states(
-        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, segments: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+        cache: "KVCache | None" = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """forward() without the output projection: (final normed hidden [B, T, D], aux); heads read this."""
+        if cache is not None:
+            return self._cached_hidden_states(tokens, positions, segments, cache)
         T = tokens.shape[1]
         x = self.embed_tokens(tokens)  # [B, T, D]
         head_dim = self.cfg.d_model // self.cfg.n_heads
@@ -210,6 +230,20 @@ class Transformer(nn.Module):
             if self.record_activations:
                 detached = x.detach().float()
                 self.activation_stats.append((detached.mean(), detached.std()))
+        return self.norm(x), aux_total / max(1, self.n_moe_layers)
+
+    def _cached_hidden_states(self, tokens, positions, segments, cache: "KVCache") -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden_states() for tokens that follow the cache's filled slots; fills their slots."""
+        if positions is None or segments is None:
+            raise ValueError("a cached forward needs the positions and segments of its tokens")
+        mask = cache.attention_mask(segments)  # [B, 1, T, S]; checks that the tokens fit
+        x = self.embed_tokens(tokens)  # [B, T, D]
+        cos, sin = cache.cos[positions].unsqueeze(1), cache.sin[positions].unsqueeze(1)  # [B, 1, T, Dh]
+        aux_total = x.new_zeros((), dtype=torch.float32)
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            x, aux = layer(x, cos, sin, mask, layer_cache)
+            aux_total = aux_total + aux
+        cache.length += tokens.shape[1]
         return self.norm(x), aux_total / max(1, self.n_moe_layers)
 
     # ------------------------------------------------------------------ accounting
@@ -242,6 +276,54 @@ class Transformer(nn.Module):
     def expert_load(self) -> list[list[float]]:
         """Per MoE layer, the fraction of routed slots each expert took in the last forward."""
         return [layer.mlp.load.tolist() for layer in self.layers if isinstance(layer.mlp, MoE)]
+
+
+# ---------------------------------------------------------------------- generation cache
+
+
+class KVCache:
+    """Keys and values of earlier tokens, preallocated for ``max_len`` slots (model/generate.py).
+
+    Every row fills the same slots (batches are left-padded); ``length`` slots are filled.
+    ``segments`` [B, max_len] keeps each filled slot's segment for the attention mask, and the
+    rotary tables cover positions 0 .. max_len - 1 (a position never exceeds its slot)."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype: torch.dtype = torch.float32):
+        head_dim = cfg.d_model // cfg.n_heads
+        self.max_len, self.length = max_len, 0
+        self.layers = [LayerCache(self, batch, cfg.n_kv_heads, max_len, head_dim, device, dtype) for _ in range(cfg.n_layers)]
+        self.segments = torch.zeros(batch, max_len, dtype=torch.long, device=device)
+        self.cos, self.sin = rope_tables(max_len, head_dim, cfg.rope_theta, device, dtype)  # [max_len, Dh]
+
+    def attention_mask(self, segments: torch.Tensor) -> torch.Tensor:
+        """segments [B, T] of the next T tokens -> additive mask [B, 1, T, length + T]: 0 where the
+        key slot is earlier or the same and in the same segment, -inf elsewhere."""
+        start, end = self.length, self.length + segments.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} slots; {end} were asked for")
+        self.segments[:, start:end] = segments
+        same = segments.unsqueeze(2) == self.segments[:, :end].unsqueeze(1)  # [B, T, S]
+        if end - start > 1:  # one new token (a decoding step) sees every filled slot: no causal part
+            slots = torch.arange(end, device=segments.device)
+            same &= slots.unsqueeze(0) <= slots[start:].unsqueeze(1)  # [T, S] causal
+        # additive (0 / -inf) once per step: SDPA would convert a bool mask in every layer
+        return torch.zeros(same.shape, dtype=self.cos.dtype, device=same.device).masked_fill_(~same, float("-inf")).unsqueeze(1)
+
+
+class LayerCache:
+    """One layer's buffers of a KVCache: k, v [B, K, max_len, Dh]."""
+
+    def __init__(self, cache: KVCache, batch: int, kv_heads: int, max_len: int, head_dim: int, device, dtype):
+        self.cache = cache
+        self.k = torch.zeros(batch, kv_heads, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+
+    def store(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, K, T, Dh] into the next T slots; return every filled slot [B, K, length + T, Dh]."""
+        start, end = self.cache.length, self.cache.length + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 # ---------------------------------------------------------------------- saved weights
