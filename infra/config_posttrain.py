@@ -63,8 +63,8 @@ class SftConfig(TrainRecipe):
     section_name = "sft"
 
     enabled: bool = Field(False, description="off unless you have the data: configs/demo.yaml turns post-training on")
-    steps: int = Field(40, ge=1, description="optimizer steps")
-    lr: float = Field(1e-3, gt=0, description="peak learning rate; below pretraining's (the demo pretrains at 3e-3; large models fine-tune at ~1e-5)")
+    steps: int = Field(60, ge=1, description="optimizer steps (the demo's ~325 packed rows: 1.5 epochs)")
+    lr: float = Field(2e-3, gt=0, description="peak learning rate; below pretraining's (the demo pretrains at 3e-3; large models fine-tune at ~1e-5)")
     min_lr: float = Field(1e-5, ge=0, description="floor the cosine decays to")
     warmup_steps: int = Field(4, ge=0)
     weight_decay: float = Field(0.0, ge=0, description="AdamW decay of matrices (norms are not decayed)")
@@ -78,7 +78,7 @@ class _PreferenceRecipe(TrainRecipe):
 
     enabled: bool = Field(False, description="off unless you have the data: configs/demo.yaml turns post-training on")
     steps: int = Field(40, ge=1, description="optimizer steps")
-    global_batch_size: int = Field(8, ge=1, description="preference pairs per optimizer step over all ranks")
+    global_batch_size: int = Field(16, ge=1, description="preference pairs per optimizer step over all ranks")
     min_lr: float = Field(1e-5, ge=0, description="floor the cosine decays to")
     warmup_steps: int = Field(4, ge=0)
     weight_decay: float = Field(0.0, ge=0, description="AdamW decay of matrices (norms are not decayed)")
@@ -99,7 +99,8 @@ class RewardModelConfig(_PreferenceRecipe):
 
     section_name = "reward_model"
 
-    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    steps: int = Field(60, ge=1, description="optimizer steps")
+    lr: float = Field(3e-3, gt=0, description="peak learning rate (the new head needs more than SFT's)")
     margin: float = Field(0.0, description="the chosen reward must win by this much: loss = -log sigmoid(r_c - r_r - margin)")
     center_coef: float = Field(0.0, ge=0, description="adds center_coef * mean((r_c + r_r)^2), keeping rewards near zero mean (TRL's center_rewards_coefficient, e.g. 0.01)")
 
@@ -110,5 +111,5 @@ class DpoConfig(_PreferenceRecipe):
 
     section_name = "dpo"
 
-    lr: float = Field(5e-4, gt=0, description="peak learning rate; below SFT's (large models use ~5e-7)")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate; below SFT's (large models use ~5e-7)")
     beta: float = Field(0.1, gt=0, description="strength of the implicit KL penalty: larger keeps the policy closer to the SFT model")
