@@ -58,8 +58,10 @@ class StageSpec:
         return cfg
 
     def enabled(self, root: PipelineConfig) -> bool:
-        """A section with `enabled: false` turns its stage into a pass-through of its first input."""
-        return bool(getattr(self.config(root), "enabled", True))
+        """A section with `enabled: false` turns its stage into a pass-through of its first input
+        (a stage reading several sections is off when any of them is, e.g. `sft.enabled`)."""
+        names = self.section if isinstance(self.section, tuple) else (self.section,)
+        return all(getattr(getattr(root, name), "enabled", True) for name in names)
 
     def external_fingerprint(self, cfg: Section) -> str:
         fingerprint = getattr(self.module(), "input_fingerprint", None)

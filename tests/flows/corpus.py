@@ -41,7 +41,7 @@ def config_data(corpus: Path, store: Path, pipeline: str = "test", **compute: An
         "ingest": {"sources": [{"name": "corpus", "paths": [str(corpus / "*.txt")]}], "target_shard_bytes": 1024},
         # a dozen documents: a small vocabulary and a validation share that is not empty
         "tokenizer": {"vocab_size": 400},
-        "tokenize": {"seq_len": 32, "val_fraction": 0.25},
+        "tokenize": {"seq_len": 32, "val_fraction": 0.5},
         # a few optimizer steps of a tiny model on one CPU rank
         "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1},
         "pretrain": {

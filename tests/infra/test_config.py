@@ -91,8 +91,12 @@ def test_overrides_index_list_items():
 def test_post_training_is_off_by_default_and_needs_its_data():
     from lmfoundry.infra.config import build_config
 
+    from lmfoundry.flows.pipeline import stage
+
     default = build_config({})
     assert not any(getattr(default, name).enabled for name in ("sft_data", "preference_data", "sft", "reward_model", "dpo"))
+    # a stage reading several sections (sft: model + sft) is off when its own section is
+    assert not stage("sft").enabled(default) and stage("pretrain").enabled(default)
     with pytest.raises(ConfigError, match="sft is enabled but needs sft_data"):
         build_config({"sft": {"enabled": True}})
     with pytest.raises(ConfigError, match="dpo is enabled but needs preference_data"):
