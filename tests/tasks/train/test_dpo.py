@@ -87,3 +87,24 @@ def test_kill_9_then_resume_reuses_the_reference_and_is_bit_identical(finished, 
     a = load_file(store.reader(resumed.ref).local_path("model/model.safetensors"))
     b = load_file(reference_store.reader(reference.ref).local_path("model/model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_ranks_give_the_same_reference_and_training(finished, tmp_path):
+    """2 CPU ranks (ZeRO-2, 8 pairs each) == 1 rank with 16: the reference log-probs are gathered
+    from both ranks into one file, held-out numbers are reduced over ranks."""
+    from lmfoundry.infra.store import Store
+
+    reference_store, _, reference = finished
+    store = Store(str(tmp_path / "store"))
+    two = config(distributed=DpoConfig.Distributed(launcher="torchrun", procs=2, zero_stage=2))
+    outcome = run_stage(store, SPEC, two, inputs(store))
+    for split in ("train", "val"):
+        a = pa.ipc.open_file(pa.memory_map(store.reader(outcome.ref).local_path(f"reference/{split}.arrow"))).read_all()
+        b = pa.ipc.open_file(pa.memory_map(reference_store.reader(reference.ref).local_path(f"reference/{split}.arrow"))).read_all()
+        assert a.column("id").equals(b.column("id"))
+        assert np.abs(a.column("chosen").to_numpy() - b.column("chosen").to_numpy()).max() < 1e-4
+    for key in ("val_loss", "val_accuracy", "val_margin"):
+        assert abs(outcome.stats[key] - reference.stats[key]) < 1e-4, key
+    a = load_file(store.reader(outcome.ref).local_path("model/model.safetensors"))
+    b = load_file(reference_store.reader(reference.ref).local_path("model/model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
