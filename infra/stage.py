@@ -169,7 +169,7 @@ def plan(store: Store, stages: list[StageSpec], root: PipelineConfig, forced: se
             rows.append(PlanRow(stage=spec.name, version=None, action="disabled", current=current, reason="disabled in config: passes its first input through"))
             continue
         if any(name not in digests for name in spec.inputs):
-            rows.append(PlanRow(stage=spec.name, version=None, action="run (upstream changes)", current=current, reason="an input stage will produce a new version"))
+            rows.append(PlanRow(stage=spec.name, version=None, action="run (upstream changes)", current=current, reason="may change: an input will be recomputed (if its output comes out identical, this stage is reused)"))
             continue
         version = spec.version(root, [digests[name] for name in spec.inputs if digests[name] is not None])
         manifest = store.manifest(spec.name, version)
@@ -180,7 +180,10 @@ def plan(store: Store, stages: list[StageSpec], root: PipelineConfig, forced: se
             digests[spec.name] = manifest["digest"]
             rows.append(PlanRow(stage=spec.name, version=version, action="skip", current=current, reason="committed with this config and inputs"))
         else:
-            rows.append(PlanRow(stage=spec.name, version=version, action="run", current=current, reason=why_run(store, spec.name, version, current, damaged)))
+            reason = why_run(store, spec.name, version, current, damaged)
+            if reason.startswith("config, code or inputs changed") and current:
+                reason = what_changed(store.manifest(spec.name, current), current, spec, root, [digests[name] for name in spec.inputs if digests[name] is not None]) or reason
+            rows.append(PlanRow(stage=spec.name, version=version, action="run", current=current, reason=reason))
     return rows
 
 
@@ -195,6 +198,34 @@ def why_run(store: Store, stage: str, version: str, current: str | None, damaged
     if current == version:
         return "not committed: no manifest (a run stopped before its commit, or the manifest is unreadable); a run resumes it"
     return "never run" if current is None else f"config, code or inputs changed since {current}"
+
+
+def what_changed(old: dict | None, old_version: str, spec: StageSpec, root: PipelineConfig, input_digests: list[str]) -> str | None:
+    """'changed since V: near_dedup.threshold 0.8 -> 0.85; code 1 -> 2; inputs' against the
+    manifest of the version the ref points at (None when that manifest cannot be read)."""
+    if not old:
+        return None
+    prefix = f"{spec.section}." if isinstance(spec.section, str) else ""
+    changes = [f"{path} {before!r} -> {after!r}" for path, before, after in identity_diff(old.get("identity") or {}, spec.config(root).identity(), prefix)]
+    if str(old.get("code_version")) != spec.code_version():
+        changes.append(f"code version {old.get('code_version')} -> {spec.code_version()}")
+    if sorted(ref.get("digest", "") for ref in old.get("inputs", [])) != sorted(input_digests):
+        changes.append("its inputs are other versions")
+    if old.get("external_inputs", "") != spec.external_fingerprint(spec.config(root)):
+        changes.append("its input files changed")
+    return f"changed since {old_version}: " + "; ".join(changes) if changes else None
+
+
+def identity_diff(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """The leaf fields that differ between two identity dicts, as (dotted path, old, new)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += identity_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append((f"{prefix}{key}", a, b))
+    return out
 
 
 def check_inputs(stages: list[StageSpec], root: PipelineConfig) -> None:

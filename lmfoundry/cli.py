@@ -69,28 +69,32 @@ def cmd_status(args, cfg=None) -> int:
 
     from lmfoundry.flows.pipeline import STAGES
     from lmfoundry.infra.stage import plan
+    from lmfoundry.infra.report import StageInfo, size_label
     from lmfoundry.infra.store import Store
 
     cfg = cfg or _config(args)
     store = Store.from_config(cfg.store)
-    table = Table(title=f"pipeline '{cfg.store.pipeline}' in {cfg.store.url}")
-    for column in ("stage", "version", "committed", "state", "rows", "bytes", "created", "run id"):
+    table = Table(title=f"pipeline '{cfg.store.pipeline}' in {cfg.store.url}: the versions this config produces")
+    for column in ("stage", "a run would", "version", "ref (when other)", "state", "holds", "created", "run id"):
         table.add_column(column)
     for row in plan(store, STAGES, cfg, set(getattr(args, "force", []) or [])):
-        shown = row.current or row.version
-        manifest = store.manifest(row.stage, shown) if shown else None
+        # what this config produces, never another run's version; the ref is shown beside it
+        manifest = store.manifest(row.stage, row.version) if row.version else None
         table.add_row(
             row.stage,
-            shown or "-",
-            "yes" if manifest else "no",
+            WOULD[row.action],
+            row.version or "-",
+            row.current if row.current and row.current != row.version else "",
             state_of(row),
-            str(manifest["rows"]) if manifest else "-",
-            _human(manifest["bytes"]) if manifest else "-",
+            size_label(StageInfo(row.stage, row.version, manifest)) if manifest else "-",
             manifest["created_at"] if manifest else "-",
             (manifest.get("run_id") or "-")[:8] if manifest else "-",
         )
-    Console(width=160).print(table)
+    Console(width=180).print(table)
     return 0
+
+
+WOULD = {"skip": "reuse", "run": "run", "run (upstream changes)": "may run", "disabled": "pass through"}
 
 
 def state_of(row) -> str:
@@ -99,6 +103,8 @@ def state_of(row) -> str:
         return "disabled (passes its input through)"
     if row.action == "skip":
         return "fresh" if row.current == row.version else "fresh (committed; the ref points at another run)"
+    if row.action == "run (upstream changes)":
+        return row.reason  # "may change": depends on what the upstream stage produces
     # the ref's own version without a usable manifest is "not committed" or "damaged", not stale
     return f"stale: {row.reason}" if row.current and row.current != row.version else row.reason
 
