@@ -86,6 +86,7 @@ class TrainQualityStats(BaseModel):
     recall: float = 0.0
     f1: float = 0.0
     model_bytes: int = 0
+    warnings: list[str] = []
 
 
 class QualityFilterStats(BaseModel):
@@ -97,6 +98,8 @@ class QualityFilterStats(BaseModel):
     kept_fraction: float
     dropped: dict[str, int]
     score_quantiles: dict[str, float]  # p10, p50, p90 of all scores
+    above_trained_threshold: float | None = None  # share of documents the classifier itself calls good
+    warnings: list[str] = []
 
 
 # --------------------------------------------------------------------------- text
@@ -355,10 +358,36 @@ def run_train_quality_classifier(cfg: QualityClassifierConfig, inputs: list[Stag
         train_examples=len(train_lines),
         validation_examples=len(valid_texts),
         model_bytes=model_bytes,
+        warnings=[TRIVIAL_SEPARATION] if metrics["f1"] >= 0.999 else [],
         **{k: round(v, 6) for k, v in metrics.items()},
     )
     log.info("quality classifier: %s", stats.model_dump())
+    for warning in stats.warnings:
+        log.warning("train_quality_classifier: %s", warning)
     return stats
+
+
+TRIVIAL_SEPARATION = (
+    "validation F1 is 1.0: the reference and the sampled negatives are trivially separable (another format, "
+    "topic or language?), so the score may measure that difference rather than quality; use a reference set that "
+    "looks like the documents you want to keep"
+)
+
+
+def degenerate_scores(scores: np.ndarray, trained_threshold: float | None) -> tuple[float | None, list[str]]:
+    """The share of documents at or above the classifier's own validated threshold, and a warning
+    when it is tiny: the classifier then rejects (nearly) all of the data, and its ranking inside
+    the data, which a top-fraction filter relies on, carries little signal."""
+    if trained_threshold is None or not len(scores):
+        return None, []
+    above = float(np.mean(scores >= trained_threshold))
+    if len(scores) >= 20 and above < 0.05:
+        return above, [
+            f"only {above:.1%} of the documents reach the classifier's validated threshold {trained_threshold:.3f}: "
+            "it tells the reference apart from nearly all of your data, so which of them it keeps is close to arbitrary; "
+            "use a reference set closer to what you want to keep"
+        ]
+    return above, []
 
 
 # --------------------------------------------------------------------------- stage: filter
@@ -455,6 +484,9 @@ def run_quality_filter(cfg: QualityClassifierConfig, inputs: list[StageRef], out
         for reason, n in out.marker(shard_name(i))["counts"]["dropped"].items():
             dropped[reason] = dropped.get(reason, 0) + n
     quantiles = {f"p{q}": round(float(np.percentile(scores, q)), 6) for q in (10, 50, 90)} if len(scores) else {}
+    above, warnings = degenerate_scores(scores, trained_threshold)
+    for warning in warnings:
+        log.warning("quality_filter: %s", warning)
     return QualityFilterStats(
         model=model_name,
         mode=mode,
@@ -464,6 +496,8 @@ def run_quality_filter(cfg: QualityClassifierConfig, inputs: list[StageRef], out
         kept_fraction=round(docs_out / docs_in, 4) if docs_in else 0.0,
         dropped=dropped,
         score_quantiles=quantiles,
+        above_trained_threshold=None if above is None else round(above, 4),
+        warnings=warnings,
     )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+
+import numpy as np
 import random
 import shutil
 
@@ -158,3 +160,14 @@ def test_best_threshold_and_pieces():
     text = "\n\n".join(["para " * 30] * 5)
     parts = pieces(text, 400)
     assert all(len(p) <= 400 for p in parts) and "".join(parts).count("para") == 150
+
+
+def test_a_classifier_that_rejects_nearly_all_the_data_is_flagged():
+    from lmfoundry.tasks.filter.quality import degenerate_scores
+
+    below = np.linspace(0.0, 0.2, 100)  # every document under the validated threshold 0.8
+    share, warnings = degenerate_scores(below, 0.8)
+    assert share == 0.0 and len(warnings) == 1 and "0.800" in warnings[0]
+    share, warnings = degenerate_scores(np.linspace(0.0, 1.0, 100), 0.8)
+    assert 0.19 <= share <= 0.21 and warnings == []
+    assert degenerate_scores(np.array([0.1] * 5), 0.8)[1] == []  # too few documents to judge
