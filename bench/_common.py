@@ -1,5 +1,7 @@
 """What the benchmarks in bench/ share: the result line, WARC text, document shards, core
-pinning and the alternating-rounds loop.
+pinning, the alternating-rounds loop, timing (wall and CPU with children), the median of the
+rounds, and emptying caches between rounds. The rules they serve are in bench/README.md
+("How we measure").
 
 Not a benchmark itself: the leading underscore keeps it out of `make bench` and `lmf bench`.
 Each benchmark prints, as its LAST stdout line, the object ``result_line`` builds (the format of
@@ -13,9 +15,13 @@ the "Benchmarks" section of /work/shared/DESIGN.md):
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import statistics
 import sys
+import time
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
@@ -126,14 +132,104 @@ def commit_doc_shards(store: Any, shards: Iterable[Iterable[dict[str, Any]]], st
 # ---------------------------------------------------------------- timing
 
 
+def pin_cores(count: int = 1) -> list[int] | None:
+    """Pin this process (and every process it forks or spawns later) to its `count` lowest
+    allowed CPUs and return them; None where the OS cannot. Every side of a benchmark then runs
+    on the same cores, whatever else the machine runs. Asking for more cores than are allowed
+    pins all of them."""
+    if count < 1:
+        raise ValueError(f"pin_cores: count must be at least 1 (got {count})")
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cores = sorted(os.sched_getaffinity(0))[:count]
+    os.sched_setaffinity(0, set(cores))
+    return cores
+
+
 def pin_one_core() -> int | None:
     """Pin this process (and what it forks later) to its lowest allowed CPU; None where the OS
     cannot. Both sides then share one core, whatever else the machine runs."""
-    if not hasattr(os, "sched_setaffinity"):
-        return None
-    core = min(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {core})
-    return core
+    cores = pin_cores(1)
+    return cores[0] if cores else None
+
+
+MIN_ROUNDS = 3  # every side runs at least this many alternating rounds; the median counts
+
+
+def rounds_arg(text: str) -> int:
+    """argparse type of --rounds: an integer of at least MIN_ROUNDS (a median of fewer is noise)."""
+    value = int(text)
+    if value < MIN_ROUNDS:
+        raise argparse.ArgumentTypeError(f"--rounds must be at least {MIN_ROUNDS} (got {value}): the median of fewer rounds is not a measurement")
+    return value
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One timed run: wall seconds, and CPU seconds of this process plus the child processes
+    it waited for during the run (a forked worker's CPU counts too)."""
+
+    wall_s: float
+    cpu_s: float
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds of the child processes this process has waited for (microsecond resolution,
+    unlike os.times' clock ticks)."""
+    try:
+        import resource
+    except ImportError:  # not on this OS: children are not counted
+        return 0.0
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, Timing]:
+    """(fn(*args, **kwargs), its Timing)."""
+    wall, cpu, children = time.perf_counter(), time.process_time(), _children_cpu_s()
+    result = fn(*args, **kwargs)
+    wall, cpu, children = time.perf_counter() - wall, time.process_time() - cpu, _children_cpu_s() - children
+    return result, Timing(wall, cpu + children)
+
+
+def median_rate(work: float, seconds: Iterable[float]) -> float:
+    """`work` per second at the median of the rounds' seconds (e.g. documents / median time)."""
+    return work / statistics.median(seconds)
+
+
+def median_chunk_rate(chunks: Iterable[tuple[int, float]], work_per_step: float) -> float:
+    """Training benchmarks alternate the sides in chunks of steps; each chunk of a side is one
+    round: (timed steps, seconds). The rate (work per second) of the median round; chunks
+    without a timed step (all warm-up) are left out."""
+    rates = [steps * work_per_step / seconds for steps, seconds in chunks if steps and seconds > 0]
+    if not rates:
+        raise ValueError("median_chunk_rate: no chunk with a timed step; raise --steps or lower --warmup")
+    return statistics.median(rates)
+
+
+def allowed_cores() -> list[int] | None:
+    """The CPUs this process may run on (None where the OS cannot say)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+
+def clear_lru_caches(module_prefixes: Iterable[str]) -> int:
+    """Empty every functools cache (lru_cache / cache) defined at the top level of, or in a
+    class of, the imported modules whose names start with one of `module_prefixes`; returns how
+    many it emptied. A side's rounds then all start cold, like its first."""
+    import inspect
+
+    prefixes = tuple(module_prefixes)
+    cleared = 0
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith(prefixes):
+            continue
+        owners = [vars(module)] + [vars(obj) for obj in vars(module).values() if inspect.isclass(obj) and obj.__module__ == name]
+        for namespace in owners:
+            for obj in list(namespace.values()):
+                if callable(getattr(obj, "cache_clear", None)) and hasattr(obj, "cache_info"):
+                    obj.cache_clear()
+                    cleared += 1
+    return cleared
 
 
 def alternating_rounds(

@@ -12,7 +12,8 @@ One command that builds, checks and times, in a few minutes:
    shapes (then forces it while timing), and that both loops start from the same loss;
 3. times ``lmfoundry.model.train.engine_step`` and, as the baseline, a textbook PyTorch loop
    (fp32 weights, bf16 autocast, fused AdamW, clipping) on the same model and batches,
-   alternating in chunks. MFU = FLOPs/token (6N + attention) x tokens/s / peak.
+   alternating in chunks of --chunk steps; each chunk is a round and the median round's
+   tokens/s counts. MFU = FLOPs/token (6N + attention) x tokens/s / peak.
 The last stdout line is the benchmark JSON object. The peak comes from the GPU's name
 (dense bf16) or ``--peak-tflops``. The data is a few random batches repeated, so the loss
 must fall (a check that training happens); its value means nothing.
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from lmfoundry.bench._common import print_result
+    from lmfoundry.bench._common import median_chunk_rate, print_result
     from lmfoundry.infra.config import ModelConfig, PretrainConfig
     from lmfoundry.model.losses import lm_loss, split_batch
     from lmfoundry.model.train import build_engine, engine_step, init_single_process
@@ -148,22 +149,24 @@ def main(argv: list[str] | None = None) -> int:
         if not args.smoke:
             torch.cuda.synchronize()
 
-    seconds = {"ours": 0.0, "baseline": 0.0}
+    chunks: dict[str, list[tuple[int, float]]] = {"ours": [], "baseline": []}  # (timed steps, seconds) per round
     losses: dict[str, list[float]] = {"ours": [], "baseline": []}
     with attention():
         for start in range(0, total_steps, args.chunk):
             for name, step in (("ours", ours), ("baseline", plain)):
+                timed_steps, seconds = 0, 0.0
                 for i in range(start, min(start + args.chunk, total_steps)):
                     sync()
                     began = time.perf_counter()
                     losses[name].append(step(batches[i % len(batches)]))
                     sync()
                     if i >= args.warmup:
-                        seconds[name] += time.perf_counter() - began
+                        timed_steps, seconds = timed_steps + 1, seconds + time.perf_counter() - began
+                chunks[name].append((timed_steps, seconds))
 
     tokens = args.steps * args.micro_batch * args.seq_len
     flops = engine.module.flops_per_token(args.seq_len)
-    tps = {name: tokens / s for name, s in seconds.items()}
+    tps = {name: median_chunk_rate(rounds, args.micro_batch * args.seq_len) for name, rounds in chunks.items()}
     mfu = {name: (flops * tps[name] / (peak * 1e12) if peak else None) for name in tps}
     checks = {
         "flash_attention": flash_ok,
@@ -174,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio_of = "mfu" if peak else "tokens_per_s"
     measured = mfu if peak else tps
     same = {"micro_batch": args.micro_batch, "seq_len": args.seq_len, "vocab": args.vocab, "steps": args.steps, "warmup": args.warmup,
-            "chunk": args.chunk, "flash_attention": flash_ok, "grad_clip": cfg.grad_clip}
+            "chunk": args.chunk, "flash_attention": flash_ok, "grad_clip": cfg.grad_clip, "rounds": "chunks", "statistic": "median"}
     print_result(
         "gpu_pretrain", ratio_of, measured["ours"], "pytorch-loop-bf16-autocast-fused-adamw", measured["baseline"],
         digits=4 if peak else 1,

@@ -6,8 +6,10 @@ Both sides train the same model (same initial weights), on the same batches, wit
 optimizer (AdamW, matrices decayed), schedule (warmup + cosine), clipping (1.0) and fp32, in
 this one process on CPU. Ours is ``lmfoundry.model.train.engine_step`` on a DeepSpeed engine (ZeRO
 stage as given, gloo world of one rank) plus the per-step loss all-reduce the trainer does;
-the baseline is the textbook loop. Steps alternate in chunks so machine noise hits both
-alike. quality.loss_abs_diff shows they did the same work.
+the baseline is the textbook loop. Steps alternate in chunks of --chunk steps so machine noise
+hits both alike; each chunk is a round, and the median round's tokens/s counts (at least 3
+rounds with timed steps). Both sides run in this process on the same cores and torch threads.
+quality.loss_abs_diff shows they did the same work.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import time
 
 import torch
 
-from lmfoundry.bench._common import print_result
+from lmfoundry.bench._common import MIN_ROUNDS, allowed_cores, median_chunk_rate, print_result
 
 
 def plain_step(model, optimizer, scheduler, batch: torch.Tensor, clip: float) -> float:
@@ -47,6 +49,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     args = parser.parse_args(argv)
+    if -(-args.steps // args.chunk) < MIN_ROUNDS:
+        parser.error(f"--steps {args.steps} in chunks of {args.chunk} give fewer than {MIN_ROUNDS} rounds; raise --steps or lower --chunk")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,22 +87,25 @@ def main(argv: list[str]) -> int:
         dist.all_reduce(loss)  # the trainer's per-step agreement on the loss
         return loss.item()
 
-    seconds = {"ours": 0.0, "baseline": 0.0}
+    chunks: dict[str, list[tuple[int, float]]] = {"ours": [], "baseline": []}  # (timed steps, seconds) per round
     losses = {"ours": [], "baseline": []}
     sides = {"ours": ours, "baseline": lambda b: plain_step(baseline_model, optimizer, scheduler, b, cfg.grad_clip)}
     for start in range(0, total_steps, args.chunk):
         for name, step in sides.items():
+            timed_steps, seconds = 0, 0.0
             for i in range(start, min(start + args.chunk, total_steps)):
                 began = time.perf_counter()
                 losses[name].append(step(batches[i]))
                 if i >= args.warmup:
-                    seconds[name] += time.perf_counter() - began
+                    timed_steps, seconds = timed_steps + 1, seconds + time.perf_counter() - began
+            chunks[name].append((timed_steps, seconds))
     tokens = args.steps * args.batch * args.seq_len
-    ours_tps, base_tps = tokens / seconds["ours"], tokens / seconds["baseline"]
+    ours_tps, base_tps = (median_chunk_rate(chunks[name], args.batch * args.seq_len) for name in ("ours", "baseline"))
     flops = Transformer(model_cfg).flops_per_token(args.seq_len)
     same = {
         "d_model": args.d_model, "layers": args.layers, "vocab": args.vocab, "seq_len": args.seq_len, "batch": args.batch,
         "steps": args.steps, "warmup": args.warmup, "chunk": args.chunk, "precision": "fp32", "optimizer": "AdamW", "grad_clip": cfg.grad_clip,
+        "rounds": "chunks", "statistic": "median", "clock": "perf_counter", "cores": allowed_cores(), "threads": torch.get_num_threads(),
     }
     print_result(
         "train", "tokens_per_s", ours_tps, "pytorch-loop", base_tps,
@@ -116,3 +123,9 @@ def main(argv: list[str]) -> int:
         },
     )
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

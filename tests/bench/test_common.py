@@ -4,15 +4,29 @@
 """
 from __future__ import annotations
 
+import argparse
+import functools
 import io
 import json
+import os
+import subprocess
+import sys
+import time
+import types
 
 import pytest
 
 from lmfoundry.bench._common import (
+    MIN_ROUNDS,
     alternating_rounds,
+    clear_lru_caches,
     commit_doc_shards,
+    median_chunk_rate,
+    median_rate,
+    pin_cores,
     print_result,
+    rounds_arg,
+    timed,
     result_line,
     warc_documents,
     warc_paths,
@@ -82,3 +96,83 @@ def test_commit_doc_shards_writes_one_shard_per_group(store):
     reader = store.reader(ref)
     shards = [reader.read_table(path, columns=["id", "text"]).to_pylist() for path in reader.files("data/", ".parquet")]
     assert shards == [[{"id": "1", "text": "one"}, {"id": "2", "text": "two"}], [{"id": "3", "text": "three"}]]
+
+
+# ---------------------------------------------------------------- measurement rules (issue 18)
+
+
+def _burn_cpu(seconds: float) -> None:
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def test_timed_counts_the_cpu_of_a_waited_for_child():
+    def fork_and_burn():
+        pid = os.fork()
+        if pid == 0:  # the child burns 0.3 s of CPU, then leaves without cleanup
+            _burn_cpu(0.3)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        return "done"
+
+    result, timing = timed(fork_and_burn)
+    assert result == "done"
+    assert timing.cpu_s >= 0.29  # the parent itself only waited
+    assert timing.wall_s >= 0.29
+
+
+def test_rounds_below_three_are_refused():
+    assert rounds_arg("3") == MIN_ROUNDS == 3 and rounds_arg("7") == 7
+    with pytest.raises(argparse.ArgumentTypeError, match="at least 3"):
+        rounds_arg("2")
+
+
+def test_median_rates():
+    assert median_rate(100, [4.0, 1.0, 2.0]) == 50.0  # the median round (2 s), not the best (1 s)
+    # (timed steps, seconds) per chunk; the all-warm-up chunk is left out
+    assert median_chunk_rate([(0, 0.5), (2, 1.0), (4, 1.0), (4, 4.0)], work_per_step=10) == 20.0
+    with pytest.raises(ValueError, match="no chunk"):
+        median_chunk_rate([(0, 1.0)], 10)
+
+
+def test_pin_cores_pins_the_process_and_its_children():
+    script = (
+        "import os, subprocess, sys\n"
+        "from lmfoundry.bench._common import pin_cores, pin_one_core\n"
+        "allowed = sorted(os.sched_getaffinity(0))\n"
+        "assert pin_cores(99) == allowed\n"
+        "core = pin_one_core()\n"
+        "child = subprocess.run([sys.executable, '-c', 'import os; print(sorted(os.sched_getaffinity(0)))'], capture_output=True, text=True)\n"
+        "print(core, allowed[0], child.stdout.strip())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.strip().split(maxsplit=2)
+    assert out[0] == out[1] and out[2] == f"[{out[0]}]"
+    with pytest.raises(ValueError, match="at least 1"):
+        pin_cores(0)
+
+
+def test_clear_lru_caches_empties_module_and_class_caches(monkeypatch):
+    module = types.ModuleType("lmf_bench_planted.caches")
+    calls = []
+
+    @functools.lru_cache(maxsize=None)
+    def square(x):
+        calls.append(x)
+        return x * x
+
+    class Holder:
+        @functools.lru_cache(maxsize=None)
+        def twice(self, x):
+            calls.append(-x)
+            return 2 * x
+
+    Holder.__module__ = module.__name__
+    module.square, module.Holder = square, Holder
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    holder = Holder()
+    square(3), square(3), holder.twice(4), holder.twice(4)
+    assert calls == [3, -4]  # the second calls came from the caches
+    assert clear_lru_caches(["lmf_bench_planted"]) == 2
+    square(3), holder.twice(4)
+    assert calls == [3, -4, 3, -4]  # computed again: the caches were empty

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-import time
+import threading
 
 import pytest
 
@@ -141,8 +141,14 @@ def test_pretrain_reads_the_latest_data_refresh_refs(prefect_harness, preset, tm
 # ------------------------------------------------------------------ the GPU slot
 
 
-def _hold_slots(limit_name: str | None, hold_s: float = 1.5) -> list[tuple[float, float]]:
-    """Two stand-in training tasks at once, each holding the GPU slot guard; their (start, end)."""
+def _most_inside_at_once(limit_name: str | None, grace_s: float = 2.0) -> int:
+    """Two stand-in training tasks at once, each holding the GPU slot guard; how many of them
+    were inside the guard at the same time, at most.
+
+    No clock decides the answer: a task inside the guard waits until the other task has
+    started, then until the other is inside too (the answer is 2 at once, without a limit) or
+    `grace_s` has passed (then it leaves). A slow machine can only make a broken guard harder
+    to catch, never fail a working one."""
     from prefect import flow, task
 
     from lmfoundry.flows.pipeline import stage
@@ -150,20 +156,32 @@ def _hold_slots(limit_name: str | None, hold_s: float = 1.5) -> list[tuple[float
     from lmfoundry.infra.config import ComputeConfig
 
     compute = ComputeConfig(gpu_concurrency_limit=limit_name)
+    state = {"started": 0, "inside": 0, "most": 0}
+    changed = threading.Condition()
 
     @task
-    def fake_training() -> tuple[float, float]:
+    def fake_training() -> None:
+        with changed:
+            state["started"] += 1
+            changed.notify_all()
         with gpu_slot(stage("pretrain"), compute):
-            start = time.monotonic()
-            time.sleep(hold_s)
-            return start, time.monotonic()
+            with changed:
+                state["inside"] += 1
+                state["most"] = max(state["most"], state["inside"])
+                changed.notify_all()
+                assert changed.wait_for(lambda: state["started"] == 2, timeout=120), "the second task never started"
+                changed.wait_for(lambda: state["inside"] == 2, timeout=grace_s)
+                state["inside"] -= 1
+                changed.notify_all()
 
     @flow
-    def two_trainings() -> list[tuple[float, float]]:
+    def two_trainings() -> None:
         futures = [fake_training.submit() for _ in range(2)]
-        return [f.result() for f in futures]
+        for future in futures:
+            future.result()
 
-    return sorted(two_trainings())
+    two_trainings()
+    return state["most"]
 
 
 def test_a_second_training_waits_for_the_gpu_slot(prefect_harness):
@@ -171,11 +189,9 @@ def test_a_second_training_waits_for_the_gpu_slot(prefect_harness):
 
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name("test-gpu-slots", 1)
-    (start1, end1), (start2, end2) = _hold_slots("test-gpu-slots")
-    assert start2 >= end1 - 0.05, "the second training started while the first held the only slot"
-    # control: without the limit the same two tasks overlap, so the test above can fail
-    (start1, end1), (start2, end2) = _hold_slots(None)
-    assert start2 < end1
+    assert _most_inside_at_once("test-gpu-slots") == 1, "the second training started while the first held the only slot"
+    # without the limit the same two tasks are inside together, so the check above can fail
+    assert _most_inside_at_once(None) == 2
 
 
 def test_a_training_stage_publishes_its_loss_curve(prefect_harness, tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -82,6 +83,23 @@ def test_committed_version_is_never_written_again(any_store):
         any_store.open_for_write("numbers", ref.version)
 
 
+class LeaseWaits(logging.Handler):
+    """Counts the store's "is being written by ...; waiting" messages (one per waiting writer)
+    and sets `both` once `expected` writers are waiting."""
+
+    def __init__(self, expected: int):
+        super().__init__(logging.INFO)
+        self.expected, self.count, self.both = expected, 0, threading.Event()
+        self._lock = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().endswith("; waiting"):
+            with self._lock:
+                self.count += 1
+                if self.count >= self.expected:
+                    self.both.set()
+
+
 def test_two_concurrent_writers_one_computes_the_other_reuses(any_store):
     COUNT["calls"] = 0
     outcomes = []
@@ -89,16 +107,25 @@ def test_two_concurrent_writers_one_computes_the_other_reuses(any_store):
     def worker():
         outcomes.append(run_stage(any_store, SPEC, PipelineConfig(), []))
 
-    # hold the lease so both writers must queue behind it, then release
-    version = SPEC.version(PipelineConfig(), [])
-    with any_store.lease("numbers", version):
-        threads = [threading.Thread(target=worker) for _ in range(2)]
-        for t in threads:
-            t.start()
-        time.sleep(1.0)
-        assert outcomes == []  # both are waiting for the lease
+    store_log = logging.getLogger("lmfoundry.store")
+    waits, level = LeaseWaits(expected=2), store_log.level
+    store_log.setLevel(logging.INFO)  # setLevel, not the attribute: it also resets the enabled cache
+    store_log.addHandler(waits)
+    try:
+        # hold the lease so both writers must queue behind it; release once both are waiting
+        version = SPEC.version(PipelineConfig(), [])
+        with any_store.lease("numbers", version):
+            threads = [threading.Thread(target=worker) for _ in range(2)]
+            for t in threads:
+                t.start()
+            assert waits.both.wait(timeout=60), f"only {waits.count} of 2 writers reached the lease"
+            assert outcomes == [] and COUNT["calls"] == 0  # both are held at the lease
+    finally:
+        store_log.removeHandler(waits)
+        store_log.setLevel(level)
     for t in threads:
         t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
     assert sorted(o.status for o in outcomes) == ["ran", "skipped"]
     assert COUNT["calls"] == 1
     assert outcomes[0].ref == outcomes[1].ref

@@ -147,11 +147,13 @@ def slow_or_crash(arg):
 def test_sandbox_kills_a_slow_call_and_survives_a_crash():
     with Sandbox(slow_or_crash, time_limit_s=0.5) as sandbox:
         assert sandbox("a") == "A"
-        started = time.monotonic()
+        slow_worker = sandbox.pid
         with pytest.raises(SandboxTimeout):
-            sandbox("slow")
-        assert time.monotonic() - started < 5
+            sandbox("slow")  # the call would return "SLOW" after 30 s if the limit were not kept
+        with pytest.raises(ProcessLookupError):
+            os.kill(slow_worker, 0)  # the worker was killed (and reaped), not left sleeping
         assert sandbox("b") == "B"  # a fresh worker
+        assert sandbox.pid != slow_worker
         with pytest.raises(SandboxCrashed):
             sandbox("crash")
         assert sandbox("c") == "C"
@@ -176,9 +178,7 @@ def test_extract_stage_labels_filters_and_survives_a_pathological_page(store, tm
         "extract": {"languages": ["en", "de"], "min_language_score": 0.5, "time_limit_s": 2.0},
     })
     records = run_stage(store, INGEST_WARC, cfg, [])
-    started = time.monotonic()
-    outcome = run_stage(store, EXTRACT, cfg, [records.ref])
-    assert time.monotonic() - started < 30
+    outcome = run_stage(store, EXTRACT, cfg, [records.ref])  # the nested page is cut off (counted as a timeout below)
     docs = {doc["url"]: doc for doc in iter_docs(store, [outcome.ref])}
     assert set(docs) == {"http://example.org/en", "http://example.org/de", "http://example.org/boiler"}
     assert outcome.stats["skipped"] == {"empty": 1, "language_not_kept": 3, "timeout": 1}
