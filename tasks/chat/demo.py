@@ -9,8 +9,8 @@ that alternate between two speakers. Nothing is downloaded at run time.
 - Preference pairs (``preference_data.builtin: chatterbot``) are a DEMO CONSTRUCTION, not human
   preference data: for every assistant turn, the prompt is the conversation up to that turn,
   ``chosen`` is the real answer, and ``rejected`` is the answer to a question from ANOTHER topic
-  file, picked by a seeded hash of (seed, topic, conversation, turn), so the same seed always
-  builds the same pairs, whatever the order. Such pairs teach topicality, not helpfulness or
+  file of the same train/val split, picked by a seeded hash of (seed, topic, conversation, turn),
+  so the same seed always builds the same pairs, whatever the order. Such pairs teach topicality, not helpfulness or
   harmlessness. For real preference data, list your files instead, e.g.::
 
       preference_data:
@@ -91,18 +91,27 @@ def _pick(seed: int, *parts: Any) -> int:
     return int.from_bytes(digest, "big")
 
 
-def preference_rows(seed: int = 0) -> Iterator[tuple[str, dict[str, Any]]]:
+def preference_rows(seed: int = 0, val_fraction: float = 0.0) -> Iterator[tuple[str, dict[str, Any]]]:
     """(location, {"prompt": [...], "chosen": [reply], "rejected": [reply]}) per assistant turn;
-    the rejected reply is an answer from another topic (see the module docstring)."""
+    the rejected reply is an answer from another topic (see the module docstring), drawn from
+    pairs of the same split: a validation pair's rejected answer is never a training pair's
+    chosen one, so held-out accuracy measures question-answer fit, not memorised answers."""
+    from lmfoundry.tasks.chat import common  # common reads the demo corpus too: import when used
+
     convs = conversations()
-    answers = [(c.topic, t) for c in convs for i, t in enumerate(c.turns) if i % 2 == 1]
-    by_topic: dict[str, list[str]] = {}
-    for topic in {c.topic for c in convs}:
-        by_topic[topic] = [text for other, text in answers if other != topic]
+
+    def in_val(prompt: list[dict[str, str]]) -> bool:  # the stage's own split rule (common.val_flags)
+        return val_fraction > 0 and common.split_key(prompt, seed) < val_fraction * 2**64
+
+    answers = [(in_val(as_messages(c.turns)[:i]), c.topic, t) for c in convs for i, t in enumerate(c.turns) if i % 2 == 1]
+    by_split_topic: dict[tuple[bool, str], list[str]] = {}
+    for split in (False, True):
+        for topic in {c.topic for c in convs}:
+            by_split_topic[split, topic] = [text for s, other, text in answers if s == split and other != topic]
     for conv in convs:
         messages = as_messages(conv.turns)
-        others = by_topic[conv.topic]
         for i in range(1, len(messages), 2):
+            others = by_split_topic[in_val(messages[:i]), conv.topic] or by_split_topic[False, conv.topic]
             chosen = messages[i]["content"]
             start = _pick(seed, conv.topic, conv.index, i) % len(others)
             # the next answer that differs from the chosen text (short answers such as "Yes" recur)

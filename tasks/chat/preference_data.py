@@ -44,7 +44,7 @@ from lmfoundry.tasks.chat import common, demo
 from lmfoundry.tasks.chat.readers import ChatDataError
 from lmfoundry.tasks.chat.shapes import CONVERSATION_SHAPES, Pair, parse_pair
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: demo pairs draw rejected answers from their own split
 SECTION = "preference_data"
 log = logging.getLogger("lmfoundry.preference_data")
 
@@ -138,7 +138,7 @@ def run_preference_data(
     bad = common.BadRows(cfg.on_bad_row, SECTION)
     counts: Counter = Counter()
     files = common.source_files(cfg, SECTION)
-    rows = common.counted(common.iter_rows(cfg, files, lambda: demo.preference_rows(cfg.seed), "preference"), counts)
+    rows = common.counted(common.iter_rows(cfg, files, lambda: demo.preference_rows(cfg.seed, cfg.val_fraction), "preference"), counts)
     items = [(row.label, pair) for row, pair in common.parse_rows(rows, parse_pair, bad)]
     cache = tok.encode_all(text for _, pair in items for text in (*(m["content"] for m in pair.prompt), pair.chosen, pair.rejected))
     width = cfg.seq_len + 1
