@@ -43,13 +43,19 @@ class MissingUpstream(RuntimeError):
 # ------------------------------------------------------------------ the task
 
 
+# The slot is a lease the run renews every 3/4 of this while it lives: a run whose host died
+# frees its slot this long after its last renewal (Prefect's default, 300 s, would keep the
+# Retry of a crashed training waiting for minutes after it was marked Crashed).
+GPU_SLOT_LEASE_S = 90
+
+
 @contextmanager
 def gpu_slot(spec: StageSpec, compute: ComputeConfig) -> Iterator[None]:
     """Hold `compute.gpu_slots` slots of the GPU concurrency limit while a training stage runs."""
     if not spec.gpu or not compute.gpu_concurrency_limit or not limit_exists(compute.gpu_concurrency_limit):
         yield
         return
-    with concurrency(compute.gpu_concurrency_limit, occupy=compute.gpu_slots):
+    with concurrency(compute.gpu_concurrency_limit, occupy=compute.gpu_slots, lease_duration=GPU_SLOT_LEASE_S):
         yield
 
 
@@ -111,6 +117,7 @@ def publish_artifacts(store: Store, outcome: StageOutcome, seconds: float) -> No
     )
     curve = report.training_metrics(store, ref)
     if curve:
+        create_table_artifact(key=artifact_key(f"{ref.stage}-metrics"), table=report.metrics_table(curve), description=f"{ref.stage} {ref.version}: logged steps")
         png = report.png_data_uri(report.training_curve_figure(curve, title=f"{ref.stage} {ref.version}"))
         create_markdown_artifact(
             key=artifact_key(f"{ref.stage}-loss-curve"),

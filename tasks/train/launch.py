@@ -71,9 +71,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(dist: TrainRecipe.Distributed, job_path: str | Path, port: int, section: str = "pretrain") -> list[str]:
-    """The launcher command line that starts every rank of model/train.py."""
-    trainer = ["-m", "lmfoundry.model.train", "--job", str(job_path)]
+def launch_command(dist: TrainRecipe.Distributed, job_path: str | Path, port: int, section: str = "pretrain", module: str = "lmfoundry.model.train") -> list[str]:
+    """The launcher command line that starts every rank of model/train.py (or another rank ``module``: model/ppo_train.py)."""
+    trainer = ["-m", module, "--job", str(job_path)]
     if dist.launcher == "torchrun":
         if dist.hostfile:
             raise TrainInputError(f"{section}.distributed.hostfile needs launcher 'deepspeed'; torchrun takes one node per command")
@@ -230,9 +230,11 @@ class CheckpointSync:
 # ---------------------------------------------------------------------- one training run
 
 
-def train(dist: TrainRecipe.Distributed, work: Path, sync: CheckpointSync, section: str = "pretrain", error: type[Exception] = RuntimeError) -> None:
+def train(
+    dist: TrainRecipe.Distributed, work: Path, sync: CheckpointSync, section: str = "pretrain", error: type[Exception] = RuntimeError, module: str = "lmfoundry.model.train"
+) -> None:
     """Run the launcher to completion, uploading checkpoints as they appear."""
-    launch = Launch(launch_command(dist, work / "job.json", dist.master_port or free_port(), section), launch_env(dist), REPO_ROOT)
+    launch = Launch(launch_command(dist, work / "job.json", dist.master_port or free_port(), section, module), launch_env(dist), REPO_ROOT)
     deadline = time.monotonic() + dist.timeout_s if dist.timeout_s else None
     try:
         while launch.poll() is None:
@@ -276,11 +278,16 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 @contextmanager
-def training(out: StageDir, recipe: TrainRecipe, job: dict[str, Any], section: str, error: type[Exception], pinned: tuple[str, ...] = ()) -> Iterator[Training]:
+def training(
+    out: StageDir, recipe: TrainRecipe, job: dict[str, Any], section: str, error: type[Exception], pinned: tuple[str, ...] = (), job_class: type[BaseModel] | None = None
+) -> Iterator[Training]:
     """Train to the end (resuming from the newest committed checkpoint) and yield the run; the
     work directory exists until the block ends. `job`: TrainJob fields besides the recipe,
-    store and work dir (objective, data, model or init_from, options)."""
+    store and work dir (objective, data, model or init_from, options). `job_class`: another rank
+    program's job model (model/ppo_train.py's PpoJob); its module is what the launcher starts."""
     from lmfoundry.model.train import DONE, TrainJob
+
+    job_class = job_class or TrainJob
 
     dist = recipe.distributed
     temporary = dist.work_dir is None
@@ -294,12 +301,12 @@ def training(out: StageDir, recipe: TrainRecipe, job: dict[str, Any], section: s
         if resume_tag and not (work / CHECKPOINTS / resume_tag / COMPLETE).exists():
             log.info("resuming from committed checkpoint %s", resume_tag)
             download_checkpoint(out, resume_tag, work)
-        spec = TrainJob(
+        spec = job_class(
             **job, recipe=recipe.recipe(), store_url=out.store.url, storage_options=out.store.storage_options, work_dir=str(work), resume_tag=resume_tag
         )
         (work / "job.json").write_text(spec.model_dump_json(indent=2))
         (work / DONE).unlink(missing_ok=True)
-        train(dist, work, sync, section, error)
+        train(dist, work, sync, section, error, job_class.__module__)
         summary = json.loads((work / DONE).read_text())
         yield Training(work, summary, read_metrics(work / METRICS), resume_tag, sync.uploaded)
     finally:
@@ -313,6 +320,7 @@ INPUT_KINDS = {
     "sft_data": "packed conversations (index.json format 'sft', from the sft_data stage)",
     "preference_data": "preference pairs (index.json format 'preference', from the preference_data stage)",
     "policy": "a trained language model (model/model_config.json, from pretrain or sft)",
+    "reward": "a trained reward model (model/reward.json, from reward_model)",
     "tokenizer": f"a tokenizer ({TOKENIZER_FILE}, from train_tokenizer)",
 }
 
@@ -325,7 +333,9 @@ def input_kind(out: StageDir, ref: StageRef) -> str | None:
     files = reader.manifest["files"]
     if TOKENIZER_FILE in files:
         return "tokenizer"
-    if "model/model_config.json" in files and "model/reward.json" not in files:
+    if "model/reward.json" in files:
+        return "reward"
+    if "model/model_config.json" in files:
         return "policy"
     if INDEX_FILE in files:
         fmt = reader.read_json(INDEX_FILE).get("format")
@@ -444,26 +454,14 @@ def train_stats(run: Training, exported: str) -> dict[str, Any]:
 
 
 def plot_curves(records: list[dict], path: Path, panels: list[tuple[str, str, str]]) -> Path | None:
-    """One panel per (title, train key, val key): the training curve and the held-out points."""
-    train_rows = [r for r in records if r["kind"] == "train"]
-    if not train_rows:
+    """The stage's curves as a PNG, drawn by infra/report.py like every plot of the project: the
+    first panel's (title, train key, val key) is the loss panel; logged accuracies, margins and
+    perplexities get panels of their own (a unigram baseline as a dashed line)."""
+    if not any(r["kind"] == "train" for r in records):
         return None
-    import matplotlib
+    from lmfoundry.infra.report import png_bytes, training_curve_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    val_rows = [r for r in records if r["kind"] == "val"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), dpi=100, squeeze=False)
-    for ax, (title, train_key, val_key) in zip(axes[0], panels):
-        ax.plot([r["step"] for r in train_rows], [r[train_key] for r in train_rows], label=f"train {train_key}")
-        points = [r for r in val_rows if val_key in r]
-        if points:
-            ax.plot([r["step"] for r in points], [r[val_key] for r in points], "o-", label=val_key)
-        ax.set_xlabel("step")
-        ax.set_title(title)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    title, train_key, val_key = panels[0]
+    fig = training_curve_figure(records, title, keys=(train_key, val_key), labels={train_key: f"train {train_key}"})
+    path.write_bytes(png_bytes(fig, dpi=100))
     return path

@@ -22,13 +22,13 @@ GPUs: ``--set pretrain.distributed.accelerator=cuda --set pretrain.distributed.b
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from pydantic import BaseModel
 
-from lmfoundry.infra.config import ComputeConfig, ModelConfig, PipelineConfig, PretrainConfig, Section
+from lmfoundry.infra.config import ComputeConfig
+from lmfoundry.infra.config_base import Sections
 from lmfoundry.infra.store import StageDir, StageRef
 from lmfoundry.model.token_format import INDEX_FILE
 from lmfoundry.tasks.train.launch import (  # noqa: F401  (launch helpers re-exported for older imports)
@@ -41,6 +41,7 @@ from lmfoundry.tasks.train.launch import (  # noqa: F401  (launch helpers re-exp
     free_port,
     launch_command,
     launch_env,
+    plot_curves,
     training,
     upload_final,
 )
@@ -50,16 +51,9 @@ CODE_VERSION = "1"
 log = logging.getLogger("lmfoundry.pretrain")
 
 
-class PretrainJob(Section):
-    """The pretrain stage's section: the model's shape and how to train it."""
-
-    model: ModelConfig = ModelConfig()
-    pretrain: PretrainConfig = PretrainConfig()
-
-
-def pretrain_section(root: PipelineConfig) -> PretrainJob:
-    """StageSpec(..., section=pretrain_section): both sections are part of the stage's identity."""
-    return PretrainJob(model=root.model, pretrain=root.pretrain)
+# the stage reads two sections (flows/pipeline.py: section=("model", "pretrain")): the runner
+# hands them over as one Sections with cfg.model (ModelConfig) and cfg.pretrain (PretrainConfig)
+PretrainJob = Sections
 
 
 class PretrainInputError(TrainInputError):
@@ -133,7 +127,7 @@ def finish(cfg: PretrainJob, out: StageDir, run: Training, tokenizer_ref: StageR
     records, summary, work = run.records, run.summary, run.work
     upload_final(out, work)
     exported = export(cfg, out, work, tokenizer_ref, summary["seq_len"])
-    plot = plot_losses(records, work / "loss.png")
+    plot = plot_curves(records, work / "loss.png", [("pretrain: cross-entropy (nats/token)", "ce", "val_loss")])
     if plot:
         out.put_file(plot, "plots/loss.png")
     train_rows = [r for r in records if r["kind"] == "train"]
@@ -173,42 +167,3 @@ def export(cfg: PretrainJob, out: StageDir, work: Path, tokenizer_ref: StageRef 
     return export_policy(out, work, cfg.pretrain, tokenizer_ref, seq_len, "pretrain")
 
 
-def metrics_table(store, ref: StageRef) -> list[dict]:
-    """The logged steps of a committed pretrain stage as table rows (for a Prefect table artifact)."""
-    text = store.reader(ref).read_bytes("metrics.jsonl").decode()
-    records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    val = {r["step"]: r for r in records if r["kind"] == "val"}
-    rows = []
-    for r in (r for r in records if r["kind"] == "train"):
-        v = val.get(r["step"], {})
-        rows.append({
-            "step": r["step"], "loss": round(r["loss"], 4), "val_loss": round(v["val_loss"], 4) if v else None,
-            "val_ppl": round(v["val_ppl"], 2) if v else None, "lr": r["lr"], "grad_norm": r["grad_norm"],
-            "tokens_per_s": round(r["tokens_per_s"]), "mfu": round(r["mfu"], 5),
-        })
-    return rows
-
-
-def plot_losses(records: list[dict], path: Path) -> Path | None:
-    train_rows = [r for r in records if r["kind"] == "train"]
-    if not train_rows:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([r["step"] for r in train_rows], [r["ce"] for r in train_rows], label="train CE")
-    val_rows = [r for r in records if r["kind"] == "val"]
-    if val_rows:
-        ax.plot([r["step"] for r in val_rows], [r["val_loss"] for r in val_rows], "o-", label="val CE")
-        if val_rows[-1].get("unigram_loss") is not None:
-            ax.axhline(val_rows[-1]["unigram_loss"], linestyle="--", color="gray", label="unigram baseline")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path

@@ -130,9 +130,9 @@ def test_inputs_without_token_shards_are_rejected(store):
 
 
 def test_metrics_table_for_artifacts(finished):
-    from lmfoundry.tasks.train.pretrain import metrics_table
+    from lmfoundry.infra.report import metrics_table, training_metrics
 
     store, _, outcome = finished
-    rows = metrics_table(store, outcome.ref)
+    rows = metrics_table(training_metrics(store, outcome.ref))
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert rows[EVERY - 1]["val_ppl"] is not None and rows[0]["val_ppl"] is None
