@@ -40,8 +40,27 @@ def hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
+# The export writes transformers 5.x keys (rope_parameters, the tokenizer's format): a 4.x
+# reader would mis-read them without an error (a non-default rope_theta silently read as
+# 10000 gives wrong logits), so the floor is checked here and pinned in pyproject.toml.
+MIN_TRANSFORMERS = (5, 0)
+
+
+def check_transformers() -> None:
+    import transformers
+
+    major_minor = tuple(int(part) for part in transformers.__version__.split(".")[:2])
+    if major_minor < MIN_TRANSFORMERS:
+        raise ExportError(
+            f"transformers {transformers.__version__} is installed; the Hugging Face export needs >= "
+            f"{'.'.join(map(str, MIN_TRANSFORMERS))} (older versions mis-read its rope and tokenizer settings): pip install -U 'transformers>=5'"
+        )
+
+
 def llama_config(cfg: ModelConfig, max_seq_len: int, special_ids: dict[str, int], dtype: str = "float32"):
     from transformers import LlamaConfig
+
+    check_transformers()
 
     return LlamaConfig(
         vocab_size=cfg.vocab_size,
@@ -85,10 +104,22 @@ def export_llama(
     out_dir.mkdir(parents=True, exist_ok=True)
     state = load_file(str(model_dir / WEIGHTS))
     save_file(hf_state_dict(state, cfg), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    llama_config(cfg, max_seq_len, special_ids).save_pretrained(out_dir)
+    config = llama_config(cfg, max_seq_len, special_ids)
+    config.save_pretrained(out_dir)
+    generation_config(config, max_seq_len).save_pretrained(out_dir)
     if tokenizer_json is not None:
-        write_tokenizer(Path(tokenizer_json), special_ids, out_dir)
+        write_tokenizer(Path(tokenizer_json), special_ids, out_dir, max_seq_len)
     return sorted(p.name for p in out_dir.iterdir() if p.is_file())
+
+
+def generation_config(config, max_seq_len: int):
+    """generate()'s defaults: stop at EOS (and at the chat template's end-of-turn token, when the
+    tokenizer has one), never past the context the model was trained on."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, max_length=max_seq_len
+    )
 
 
 def export_reward_model(
@@ -128,11 +159,11 @@ def export_reward_model(
     config.save_pretrained(out_dir)
     shutil.copyfile(model_dir / REWARD_FILE, out_dir / REWARD_FILE)
     if tokenizer_json is not None:
-        write_tokenizer(Path(tokenizer_json), special_ids, out_dir)
+        write_tokenizer(Path(tokenizer_json), special_ids, out_dir, max_seq_len)
     return sorted(p.name for p in out_dir.iterdir() if p.is_file())
 
 
-def write_tokenizer(tokenizer_json: Path, special_ids: dict[str, int], out_dir: Path) -> None:
+def write_tokenizer(tokenizer_json: Path, special_ids: dict[str, int], out_dir: Path, max_seq_len: int | None = None) -> None:
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
@@ -143,7 +174,8 @@ def write_tokenizer(tokenizer_json: Path, special_ids: dict[str, int], out_dir: 
     # the chat template in these token texts, when the tokenizer has every chat role
     template = chat_template(texts) if all(texts.get(role) for role in CHAT_SPECIALS) else None
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=raw, additional_special_tokens=[t for t in extra if t is not None], chat_template=template, **named
+        tokenizer_object=raw, additional_special_tokens=[t for t in extra if t is not None], chat_template=template,
+        model_max_length=max_seq_len or int(1e30), **named,
     )
     # save_jinja_files=False: the template goes into tokenizer_config.json, where every transformers version reads it
     fast.save_pretrained(out_dir, save_jinja_files=False)

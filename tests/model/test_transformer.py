@@ -184,6 +184,26 @@ def test_hf_llama_export_gives_the_same_logits(tmp_path, tie):
     assert diff < 1e-4, diff
 
 
+def test_export_carries_generation_defaults_and_refuses_old_transformers(tmp_path, monkeypatch):
+    import json
+
+    import transformers
+
+    from lmfoundry.model.export import ExportError, export_llama
+
+    model = tiny(rope_theta=50_000.0)
+    save_model(model.state_dict(), model.cfg, tmp_path / "ours")
+    export_llama(tmp_path / "ours", tmp_path / "hf", max_seq_len=64, special_ids={"bos": 0, "eos": 1, "pad": 2})
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert (generation["max_length"], generation["eos_token_id"], generation["pad_token_id"]) == (64, 1, 2)
+    loaded = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
+    assert loaded.rope_parameters["rope_theta"] == 50_000.0 and loaded.max_position_embeddings == 64
+    # a transformers older than the export's keys would mis-read rope_theta silently: refused instead
+    monkeypatch.setattr(transformers, "__version__", "4.57.1")
+    with pytest.raises(ExportError, match="needs >= 5.0"):
+        export_llama(tmp_path / "ours", tmp_path / "old", max_seq_len=64)
+
+
 def test_moe_model_is_not_exported_as_llama(tmp_path):
     from lmfoundry.model.export import ExportError, export_llama
 
