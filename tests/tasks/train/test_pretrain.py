@@ -136,3 +136,14 @@ def test_metrics_table_for_artifacts(finished):
     rows = metrics_table(training_metrics(store, outcome.ref))
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert rows[EVERY - 1]["val_ppl"] is not None and rows[0]["val_ppl"] is None
+
+
+def test_the_first_launch_says_it_compiles(tmp_path, monkeypatch):
+    """DeepSpeed compiles its CPU communication op on the first launch of a machine: known from the cache."""
+    from lmfoundry.tasks.train.launch import shm_op_built
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert not shm_op_built()
+    (tmp_path / "py311_cpu" / "deepspeed_shm_comm").mkdir(parents=True)
+    (tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
+    assert shm_op_built()
