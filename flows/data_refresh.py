@@ -18,21 +18,15 @@ from prefect.context import get_run_context
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
-from lmfoundry.flows.params import DEFAULT_PRESET, Override, Rerun, SnapshotLabel, load_run_config, start_deployment
-from lmfoundry.flows.pipeline import STAGES
+from lmfoundry.flows.params import DEFAULT_PRESET, DataRerun, Override, SnapshotLabel, load_run_config, start_deployment
+from lmfoundry.flows.pipeline import data_stages
 from lmfoundry.flows.stage_task import MissingUpstream, current_ref, run_stages
 from lmfoundry.infra.snapshots import write_snapshot
-from lmfoundry.infra.stage import StageSpec
 from lmfoundry.infra.store import Store
 
 PRETRAIN_DEPLOYMENT = "pretrain/pretrain"
 DATA_CHANGED_EVENT = "lmf.data.changed"
 
-
-def data_stages() -> list[StageSpec]:
-    """The stages before the first training stage (today's pipeline: all of them)."""
-    first_training = next((i for i, spec in enumerate(STAGES) if spec.gpu), len(STAGES))
-    return STAGES[:first_training]
 
 
 def default_label() -> str:
@@ -49,7 +43,7 @@ def data_refresh(
     preset: str = DEFAULT_PRESET,
     overrides: list[Override] = [],
     snapshot: SnapshotLabel = "",
-    rerun: Rerun = Rerun(),
+    rerun: DataRerun = DataRerun(),
     plan_only: bool = False,
     then_pretrain: bool = False,
 ) -> dict[str, Any]:

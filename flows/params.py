@@ -11,9 +11,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from lmfoundry.flows.pipeline import STAGE_NAMES
+from lmfoundry.flows.pipeline import STAGE_NAMES, data_stages, posttrain_stages
 from lmfoundry.infra.config import REPO_ROOT, PipelineConfig, load_config
 
 DEFAULT_PRESET = "configs/demo.yaml"
@@ -51,6 +51,17 @@ class Rerun(BaseModel):
         False,
         description="recompute from_stage and everything downstream even if committed (a new version beside the old)",
     )
+
+
+def rerun_for(title: str, names: list[str]) -> type[Rerun]:
+    """A Rerun whose stage dropdown in the UI form offers only `names`: the stages that flow runs."""
+    choice = StrEnum(f"{title}Stage", {name: name for name in names})
+    return create_model(title, __base__=Rerun, __doc__=Rerun.__doc__, from_stage=(choice | None, Rerun.model_fields["from_stage"]))
+
+
+DataRerun = rerun_for("DataRerun", [spec.name for spec in data_stages()])
+PretrainRerun = rerun_for("PretrainRerun", ["pretrain"])
+PosttrainRerun = rerun_for("PosttrainRerun", [spec.name for spec in posttrain_stages()])
 
 
 def resolve_preset(preset: str) -> Path:

@@ -47,3 +47,14 @@ def stages_until(until: str | None) -> list[StageSpec]:
         return list(STAGES)
     stage(until)  # validates the name
     return STAGES[: STAGE_NAMES.index(until) + 1]
+
+
+def data_stages() -> list[StageSpec]:
+    """The data refresh: every stage before the first training stage."""
+    first_training = next((i for i, spec in enumerate(STAGES) if spec.gpu), len(STAGES))
+    return STAGES[:first_training]
+
+
+def posttrain_stages() -> list[StageSpec]:
+    """Post-training: the training stages after pretraining, in table order."""
+    return [spec for spec in STAGES[STAGE_NAMES.index("pretrain") + 1 :] if spec.gpu]

@@ -14,23 +14,17 @@ from typing import Any
 
 from prefect import flow
 
-from lmfoundry.flows.params import DEFAULT_PRESET, Override, Rerun, load_run_config
-from lmfoundry.flows.pipeline import STAGE_NAMES, STAGES
+from lmfoundry.flows.params import DEFAULT_PRESET, Override, PosttrainRerun, load_run_config
+from lmfoundry.flows.pipeline import posttrain_stages
 from lmfoundry.flows.stage_task import run_stages
-from lmfoundry.infra.stage import StageSpec
 
-
-def posttrain_stages() -> list[StageSpec]:
-    """The training stages after pretraining, in table order."""
-    after_pretrain = STAGES[STAGE_NAMES.index("pretrain") + 1 :]
-    return [spec for spec in after_pretrain if spec.gpu]
 
 
 @flow(name="post-train", log_prints=True)
 def post_train(
     preset: str = DEFAULT_PRESET,
     overrides: list[Override] = [],
-    rerun: Rerun = Rerun(),
+    rerun: PosttrainRerun = PosttrainRerun(),
     plan_only: bool = False,
 ) -> dict[str, Any]:
     """Align the latest pretrained model: SFT, reward model, DPO (committed stages are reused).

@@ -13,7 +13,7 @@ from typing import Any
 
 from prefect import flow
 
-from lmfoundry.flows.params import DEFAULT_PRESET, Override, Rerun, load_run_config, start_deployment
+from lmfoundry.flows.params import DEFAULT_PRESET, Override, PretrainRerun, load_run_config, start_deployment
 from lmfoundry.flows.pipeline import stage
 from lmfoundry.flows.stage_task import run_stages
 
@@ -24,7 +24,7 @@ POSTTRAIN_DEPLOYMENT = "post-train/post-train"
 def pretrain(
     preset: str = DEFAULT_PRESET,
     overrides: list[Override] = [],
-    rerun: Rerun = Rerun(),
+    rerun: PretrainRerun = PretrainRerun(),
     plan_only: bool = False,
     then_posttrain: bool = False,
 ) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
-from lmfoundry.flows.pipeline import STAGE_NAMES
+from lmfoundry.flows.pipeline import data_stages
 from lmfoundry.infra.store import Store
 from tests.flows.corpus import make_corpus, write_preset
 from tests.flows.server import REPO, VENV_BIN, wait_for
@@ -48,11 +48,19 @@ def test_deploy_registers_pools_limit_and_deployments_that_a_worker_runs(prefect
             assert refresh.schedules[0].schedule.cron == "0 3 * * *"
             schema = refresh.parameter_openapi_schema
             assert set(schema["properties"]) == {"preset", "overrides", "snapshot", "rerun", "plan_only", "then_pretrain"}
-            assert schema["definitions"]["StageName"]["enum"] == STAGE_NAMES
+            # the form's stage dropdown offers the stages this deployment runs, no others
+            assert schema["definitions"]["DataRerunStage"]["enum"] == [spec.name for spec in data_stages()]
+            post_schema = deployments["post-train"].parameter_openapi_schema
+            assert post_schema["definitions"]["PosttrainRerunStage"]["enum"] == ["sft", "reward_model", "dpo"]
             assert refresh.parameters["preset"] == str(preset)
             assert deployments["end-to-end"].parameters["config"]["store"]["url"] == str(store_dir)
             assert deployments["pretrain"].parameters["then_posttrain"] is True  # pretrain chains post-train
             assert "rerun" in deployments["post-train"].parameter_openapi_schema["properties"]
+            # crash detection: runs heartbeat every 30 s (on top of the kubernetes pool's default env)
+            assert deployments["pretrain"].job_variables["env"] == {"DS_ACCELERATOR": "cuda", "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+            assert deployments["data-refresh"].job_variables["env"] == {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+            assert all("lmf-heartbeat" in deployments[name].tags for name in NAMES)
+            assert "crash detection: runs send a heartbeat every 30 s" in done.stdout
 
             run = client.create_flow_run_from_deployment(refresh.id, parameters={"snapshot": "from-worker"})
             worker = subprocess.run(

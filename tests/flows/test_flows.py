@@ -8,7 +8,7 @@ import pytest
 
 from lmfoundry.flows.data_refresh import data_refresh, data_stages
 from lmfoundry.flows.end_to_end import end_to_end
-from lmfoundry.flows.params import Rerun
+from lmfoundry.flows.params import DataRerun
 from lmfoundry.flows.pretrain import pretrain
 from lmfoundry.flows.stage_task import MissingUpstream
 from lmfoundry.infra.faults import InjectedFault
@@ -73,7 +73,7 @@ def test_plan_only_runs_nothing_and_publishes_a_table(prefect_harness, preset, t
 
 def test_rerun_from_stage_with_force_recomputes_only_downstream(prefect_harness, preset, tmp_path):
     first = data_refresh(preset=str(preset))
-    second = data_refresh(preset=str(preset), rerun=Rerun(from_stage="exact_dedup", force=True))
+    second = data_refresh(preset=str(preset), rerun=DataRerun(from_stage="exact_dedup", force=True))
     enabled = enabled_data_stages(load_config(preset))
     assert second["ran"] == enabled[enabled.index("exact_dedup"):]
     store = store_of(tmp_path)
@@ -84,7 +84,7 @@ def test_rerun_from_stage_with_force_recomputes_only_downstream(prefect_harness,
 
 def test_rerun_from_stage_without_committed_upstream_names_what_to_run(prefect_harness, preset):
     with pytest.raises(MissingUpstream, match="stage 'ingest' has no committed version.*lmf run --until ingest"):
-        data_refresh(preset=str(preset), rerun=Rerun(from_stage="exact_dedup"))
+        data_refresh(preset=str(preset), rerun=DataRerun(from_stage="exact_dedup"))
 
 
 def test_bad_override_fails_before_anything_runs(prefect_harness, preset, tmp_path):
