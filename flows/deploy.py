@@ -8,6 +8,8 @@ pools) and make sure the GPU concurrency limit exists. ``serve`` runs every depl
 this one process (each flow run in a subprocess): the single-machine way. ``deploy``
 registers them with the server at PREFECT_API_URL for workers of the `cpu` and `gpu` pools
 (``prefect worker start --pool cpu``), creating the pools when missing.
+Both turn on crash detection (flows/crash_detection.py): heartbeats for the runs they start
+and the automation that marks a silent run Crashed.
 
 Flows are referenced by module path (``lmfoundry.flows.data_refresh.data_refresh``), so a worker needs
 this package installed (``pip install -e .``), not a copy of the directory it was deployed from.
@@ -23,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from lmfoundry.flows import crash_detection as crashes
 from lmfoundry.flows.params import REPO_ROOT, resolve_preset
 from lmfoundry.infra.config import load_config
 
@@ -143,6 +146,7 @@ def runner_deployments(
     if unknown:
         raise DeploymentFileError(f"unknown deployment(s) {unknown}; {path} defines: {', '.join(names)}")
     triggers_adapter = TypeAdapter(DeploymentTriggerTypes)
+    detection = crashes.crash_detection(data, str(path))
     out = []
     for spec in data["deployments"]:
         if only and spec["name"] not in only:
@@ -158,7 +162,7 @@ def runner_deployments(
             flow.to_deployment(
                 name=spec["name"],
                 description=spec.get("description"),
-                tags=spec.get("tags"),
+                tags=crashes.with_heartbeat_tag(spec.get("tags"), detection),
                 parameters=default_parameters(flow, spec.get("parameters") or {}, preset, list(overrides)),
                 schedules=[build_schedule(s) for s in declared] if with_schedules else None,
                 concurrency_limit=spec.get("concurrency_limit"),
@@ -228,8 +232,12 @@ def serve(
     require_api_url()
     deployments = runner_deployments(path, preset=preset, overrides=overrides, only=only, schedules=schedules, with_schedules=with_schedules)
     refuse_if_served_elsewhere(deployments)
-    ensure_concurrency_limits(load_prefect_file(path))
-    prefect_serve(*deployments, limit=limit)
+    data = load_prefect_file(path)
+    ensure_concurrency_limits(data)
+    detection = crashes.crash_detection(data, str(path))
+    print(crashes.describe(detection, crashes.ensure_crash_automation(detection)), flush=True)
+    # the runner passes PREFECT_FLOWS_HEARTBEAT_FREQUENCY to each flow run's process
+    prefect_serve(*deployments, limit=limit, heartbeat_seconds=detection.heartbeat_seconds if detection.enabled else None)
 
 
 def refuse_if_served_elsewhere(deployments: list, recent_s: float = 60.0) -> None:
@@ -272,8 +280,20 @@ def deploy(
         print(f"created work pool '{name}' ({pool_type}); start a worker: prefect worker start --pool {name}")
     for name, limit in ensure_concurrency_limits(data, gpu_slots).items():
         print(f"global concurrency limit '{name}': {limit} slot(s)")
+    detection = crashes.crash_detection(data, str(path))
     ids = {}
     for deployment in runner_deployments(path, preset=preset, overrides=overrides, only=only, schedules=schedules, with_schedules=with_schedules, for_work_pools=True):
+        add_heartbeat_env(deployment, detection)
         ids[f"{deployment.flow_name}/{deployment.name}"] = str(deployment.apply(work_pool_name=deployment.work_pool_name))
         print(f"deployment {deployment.flow_name}/{deployment.name} -> work pool '{deployment.work_pool_name}'")
+    print(crashes.describe(detection, crashes.ensure_crash_automation(detection)))
     return ids
+
+
+def add_heartbeat_env(deployment, detection: crashes.CrashDetection) -> None:
+    """Workers start each run with the deployment's job variables: put the heartbeat interval in its env."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        pool_env = crashes.pool_default_env(client, deployment.work_pool_name)
+    deployment.job_variables = crashes.heartbeat_job_variables(deployment.job_variables, pool_env, detection)
