@@ -1,7 +1,9 @@
 """A small local website for the demo crawl, generated from files every Python has.
 
 Pages are the Python reference manual's help topics (``pydoc_data.topics``, the text behind
-``help("if")``) and the docstrings of some standard-library modules, each wrapped in a
+``help("if")``), archived copies of every fourth topic (an earlier release's page: the same
+text under a banner, the near-duplicates a documentation crawl meets) and the docstrings of
+some standard-library modules, each wrapped in a
 typical site layout: a navigation bar, a sidebar of related pages and a footer (boilerplate
 that extraction must drop). ``robots.txt`` disallows ``/search``, which pages link to.
 The server answers conditional requests (ETag / Last-Modified -> 304), so a demo re-crawl
@@ -129,9 +131,18 @@ def build_site(modules: list[str] = MODULES) -> dict[str, bytes]:
     sources = [(f"/topics/{slug(k)}.html", topics[k]) for k in sorted(topics)]
     sources += [(f"/modules/{slug(m)}.html", text) for m in modules if (text := module_text(m))]
     rendered = [(path, *prose_to_html(text)) for path, text in sources]
+    # like versioned documentation sites, every fourth topic keeps an archived copy of an earlier
+    # release: the same text under a banner, a near-duplicate for near_dedup to find
+    archived = {path: f"/archive{path}" for path, _, _ in rendered if path.startswith("/topics/")}
+    archived = {path: copy for i, (path, copy) in enumerate(sorted(archived.items())) if i % 4 == 0}
     pages: dict[str, bytes] = {}
     for i, (path, title, body) in enumerate(rendered):
         related = [(p, t) for p, t, _ in rendered[i + 1 : i + 6]] or [(p, t) for p, t, _ in rendered[:5]]
+        if path in archived:
+            related.append((archived[path], f"{title} (earlier release)"))
+            # the note is part of the article (extraction keeps it), so the copy is near, not exact
+            note = f'<p>This copy describes an earlier release of Python; later changes are on <a href="{path}">the current page</a>.</p>'
+            pages[archived[path]] = layout(f"{title} (archived)", body.replace("</h1>", "</h1>" + note, 1), related[:1]).encode()
         pages[path] = layout(title, body, related).encode()
     topic_links = [(p, t) for p, t, _ in rendered if p.startswith("/topics/")]
     module_links = [(p, t) for p, t, _ in rendered if p.startswith("/modules/")]
