@@ -1,4 +1,4 @@
-"""Config sections of the post-training stages: chat data, SFT, reward model, DPO.
+"""Config sections of the post-training stages: chat data, SFT, reward model, DPO, PPO.
 
 Part of the one config tree (infra/config.py's PipelineConfig holds one field per section);
 kept in its own file so the tree stays readable.
@@ -113,3 +113,87 @@ class DpoConfig(_PreferenceRecipe):
 
     lr: float = Field(1e-3, gt=0, description="peak learning rate; below SFT's (large models use ~5e-7)")
     beta: float = Field(0.1, gt=0, description="strength of the implicit KL penalty: larger keeps the policy closer to the SFT model")
+
+
+class PpoConfig(TrainRecipe):
+    """Reinforcement learning from the reward model (tasks/train/ppo.py, model/ppo_train.py): the
+    actor starts from the SFT policy, the critic from the reward model; the SFT policy (frozen
+    reference) and the reward model stay fixed. ``advantage: grpo`` drops the critic and
+    normalises rewards within groups of samples of one prompt.
+
+    Recipe fields mean what they mean elsewhere, per optimizer step of the actor: ``steps`` are
+    PPO iterations (one rollout batch, then ``ppo_epochs`` passes over it in minibatches of
+    ``global_batch_size`` rollouts), ``warmup_steps`` counts iterations. Sampling is plain
+    temperature sampling: top-k / top-p would make the sampled distribution differ from the one
+    the ratio and the KL are computed under (a known cause of negative KL)."""
+
+    section_name = "ppo"
+
+    enabled: bool = Field(False, description="off unless you have a reward model: configs/demo.yaml turns post-training on")
+    steps: int = Field(10, ge=1, description="PPO iterations: generate rollout_batch_size responses, then ppo_epochs of updates")
+    global_batch_size: int = Field(16, ge=1, description="rollouts per optimizer step over all ranks (the PPO minibatch)")
+    lr: float = Field(5e-4, gt=0, description="actor peak learning rate (large models use ~1e-6)")
+    min_lr: float = Field(5e-5, ge=0, description="floor the cosine decays to")
+    warmup_steps: int = Field(0, ge=0, description="iterations of linear warmup")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decay of matrices (norms are not decayed)")
+    critic_lr: float = Field(2e-3, gt=0, description="critic peak learning rate (same schedule shape as the actor's)")
+    rollout_batch_size: int = Field(32, ge=1, description="responses generated per iteration over all ranks (prompts x group_size); a multiple of global_batch_size")
+    group_size: int = Field(1, ge=1, description="samples per prompt, next to each other in the batch; GRPO needs >= 2")
+    ppo_epochs: int = Field(2, ge=1, description="passes over each rollout batch")
+    max_new_tokens: int = Field(24, ge=1, description="longest response; a response that ends here without <|end|> has 'missing EOS'")
+    prompt_max_len: int = Field(128, ge=2, description="prompts with more tokens (template included) are left out and counted")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature; log-probs, ratios and KL use the same tempered distribution")
+    advantage: Literal["gae", "grpo"] = Field("gae", description="gae: critic + GAE (PPO); grpo: group-normalised rewards, no critic")
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    clip_ratio: float = Field(0.2, gt=0, description="PPO policy ratio clip")
+    value_clip: float = Field(0.2, gt=0, description="critic update clip around the rollout's values (reward units)")
+    entropy_coef: float = Field(0.0, ge=0, description="entropy bonus in the actor loss (entropy is logged either way)")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="per-token KL to the reference: k1 = log p - log q (unbiased, signed), k3 = (r - 1) - log r (never negative)")
+    kl_coef: float = Field(0.05, ge=0, description="KL coefficient (the adaptive controller's start value)")
+    kl_target: float | None = Field(None, gt=0, description="per-sequence KL the adaptive controller steers to; null: a fixed kl_coef")
+    kl_horizon: int = Field(10000, ge=1, description="adaptive controller horizon, in rollouts")
+    kl_in: Literal["reward", "loss"] | None = Field(
+        None, description="where the KL penalty goes: per-token into the reward (PPO's way) or into the actor loss (GRPO's way); null: reward for gae, loss for grpo"
+    )
+    whiten_advantages: bool = Field(True, description="normalise advantages over each rollout batch (per rank)")
+    reward_normalize: bool = Field(True, description="(score - mean) / std with the mean and std the reward model saved (model/reward.json)")
+    reward_clip: float = Field(5.0, ge=0, description="clip the (normalised) score to +-reward_clip; 0: off")
+    missing_eos_penalty: float = Field(
+        0.5, ge=0, description="subtracted from the (normalised) score of a response that never emitted <|end|> or <|eos|>: without it the demo's reward model is gamed by ever longer replies; 0: off"
+    )
+    prompts_file: str | None = Field(
+        None, description="JSONL/Parquet prompts (local or s3://; rows with 'prompt' or 'messages') instead of the preference data's prompts; needs the train_tokenizer input"
+    )
+    prompts_storage_options: StorageOptions = execution({}, description="fsspec options for prompts_file (keep credentials in the environment)")
+    log_every: int = execution(1, ge=1, description="iterations between metric lines")
+    eval_every: int = execution(5, ge=1, description="iterations between greedy-reward evaluations on validation prompts (and one at the end)")
+    eval_samples: int = execution(32, ge=1, description="validation prompts per evaluation")
+    checkpoint_every: int = execution(5, ge=1, description="iterations between committed checkpoints (and one at the end)")
+    sample_every: int = execution(5, ge=1, description="iterations between logged sample responses (samples.jsonl)")
+    samples_logged: int = execution(4, ge=0, description="responses written to samples.jsonl each time")
+
+    @model_validator(mode="after")
+    def _check_ppo(self) -> "PpoConfig":
+        if self.label_smoothing:
+            raise ValueError("ppo.label_smoothing applies to token cross-entropy only; leave it at 0 here")
+        if self.advantage == "grpo" and self.group_size < 2:
+            raise ValueError(f"ppo.advantage grpo compares samples of one prompt: set ppo.group_size >= 2 (got {self.group_size})")
+        if self.rollout_batch_size % self.group_size:
+            raise ValueError(f"ppo.rollout_batch_size {self.rollout_batch_size} is not a multiple of ppo.group_size {self.group_size}")
+        if self.rollout_batch_size % self.global_batch_size:
+            raise ValueError(f"ppo.rollout_batch_size {self.rollout_batch_size} is not a multiple of ppo.global_batch_size {self.global_batch_size} (the minibatch)")
+        return self
+
+    @property
+    def kl_in_loss(self) -> bool:
+        return (self.kl_in or ("loss" if self.advantage == "grpo" else "reward")) == "loss"
+
+    @property
+    def updates_per_iteration(self) -> int:
+        """Actor optimizer steps per iteration."""
+        return self.ppo_epochs * self.rollout_batch_size // self.global_batch_size
+
+    def recipe(self) -> "PpoConfig":
+        """PPO's job file (model/ppo_train.py's PpoJob) carries the whole section."""
+        return self

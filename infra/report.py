@@ -17,7 +17,8 @@ half-built pipeline:
 - training curves: a ``metrics.jsonl`` among a stage's files, one JSON object per line with
   ``step`` and any of ``loss``, ``train_loss``, ``val_loss``, ``eval_loss`` (one panel), and a
   small panel per metric ending in ``accuracy``, ``margin`` or ``ppl`` (``val_accuracy``,
-  ``reward_margin``...); a ``unigram_<metric>`` is drawn as a dashed reference line;
+  ``reward_margin``...) and for PPO's ``reward`` / ``val_reward`` and ``kl``; a
+  ``unigram_<metric>`` is drawn as a dashed reference line;
 - every stage's stats as a table.
 
 The page is rendered from Jinja2 templates in infra/templates/ (report.html.j2, which includes
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 
 CURVE_KEYS = ("loss", "train_loss", "val_loss", "eval_loss")
 PANEL_SUFFIXES = ("accuracy", "margin", "ppl")  # SFT / reward model / DPO metrics: a small panel each
+PANEL_METRICS = ("reward", "kl")  # PPO's: a panel for exactly these (and their val_ forms), not for every *_reward
 SPLIT_PREFIXES = ("train_", "val_", "eval_")  # train and val of one metric share a panel
 BASELINE_PREFIX = "unigram_"  # a reference level, drawn as a dashed line
 TOKEN_KEYS = ("tokens_out", "total_tokens", "train_tokens")
@@ -247,7 +249,7 @@ def curve_panels(rows: list[dict[str, Any]], keys: Sequence[str] = CURVE_KEYS) -
     logged = list(dict.fromkeys(k for r in rows for k, v in r.items() if _number(v) is not None))
     panels: dict[str, list[str]] = {"loss": [k for k in keys if k in logged]}
     for key in logged:
-        if key.endswith(PANEL_SUFFIXES) and not key.startswith(BASELINE_PREFIX) and key not in keys:
+        if (key.endswith(PANEL_SUFFIXES) or metric_family(key) in PANEL_METRICS) and not key.startswith(BASELINE_PREFIX) and key not in keys:
             panels.setdefault(metric_family(key), []).append(key)
     return {panel: curves for panel, curves in panels.items() if curves}
 

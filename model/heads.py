@@ -1,8 +1,11 @@
-"""Heads on the Transformer's final hidden state: the scalar reward model.
+"""Heads on the Transformer's final hidden state: the scalar reward model and PPO's critic.
 
     from lmfoundry.model.heads import RewardModel, load_reward_model, save_reward_model
     rm = RewardModel.from_policy(load_model("sft_stage/model"))   # body from the SFT model
     scores, aux = rm(tokens, lengths)     # tokens [B, T] right-padded, lengths [B] -> scores [B]
+
+    critic = load_reward_model("reward_model_stage/model", cls=ValueModel)   # PPO's critic
+    values, aux = critic(tokens, positions, segments)   # [B, T]: the head at every position
 
 The score of a sequence is the head's output at its last real token (position lengths - 1:
 the final ``<|end|>`` of a templated reply), which has attended to the whole conversation.
@@ -85,6 +88,16 @@ class RewardModel(nn.Module):
         return self.model.expert_load()
 
 
+class ValueModel(RewardModel):
+    """PPO's critic: the reward model's body and head read at every position (a value per state),
+    so it starts from the reward model's weights (same module names, same files)."""
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, segments: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [B, T] -> (values [B, T] fp32: the head's output after each token, MoE aux)."""
+        hidden, aux = self.model.hidden_states(tokens, positions, segments)  # [B, T, D]
+        return self.score(hidden).squeeze(-1).float(), aux
+
+
 def save_reward_model(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, directory: str | Path, stats: dict | None = None) -> None:
     """model.safetensors (``model.*`` + ``score.weight``), model_config.json and reward.json
     ({"mean", "std", ...}: rewards over the training pairs, for normalising them later)."""
@@ -99,15 +112,16 @@ def save_reward_model(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, dir
     (directory / REWARD_FILE).write_text(json.dumps({"head": "score", **(stats or {})}, indent=2, sort_keys=True))
 
 
-def load_reward_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> RewardModel:
-    """A RewardModel from save_reward_model's directory (e.g. a reward_model stage's model/ folder)."""
+def load_reward_model(directory: str | Path, dtype: torch.dtype = torch.float32, cls: type[RewardModel] = RewardModel) -> RewardModel:
+    """A RewardModel (or ``cls``: ValueModel) from save_reward_model's directory (e.g. a
+    reward_model stage's model/ folder)."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
     if not (directory / REWARD_FILE).exists():
         raise ValueError(f"{directory} holds no {REWARD_FILE}: not a reward model (a policy loads with transformer.load_model)")
     cfg = ModelConfig.model_validate_json((directory / CONFIG).read_text())
-    rm = RewardModel(cfg)
+    rm = cls(cfg)
     state = load_file(str(directory / WEIGHTS))
     if cfg.tie_embeddings:
         state["model.lm_head.weight"] = state["model.embed_tokens.weight"]
