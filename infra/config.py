@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from lmfoundry.infra.config_posttrain import DpoConfig, PreferenceDataConfig, RewardModelConfig, SftConfig, SftDataConfig
+from lmfoundry.infra.config_posttrain import DpoConfig, PpoConfig, PreferenceDataConfig, RewardModelConfig, SftConfig, SftDataConfig
 from lmfoundry.infra.config_base import EXECUTION_KEY, Section, execution  # noqa: F401  (re-exported)
 from lmfoundry.infra.config_data import (  # noqa: F401  (re-exported: every section is importable from here)
     SourceConfig,
@@ -133,11 +133,17 @@ class PipelineConfig(Section):
     sft: SftConfig = SftConfig()
     reward_model: RewardModelConfig = RewardModelConfig()
     dpo: DpoConfig = DpoConfig()
+    ppo: PpoConfig = PpoConfig()
 
     @model_validator(mode="after")
     def _post_training_has_its_inputs(self) -> "PipelineConfig":
         # a disabled stage passes its first input through: a trainer would get the wrong data
-        needs = {"sft": ("sft_data",), "reward_model": ("preference_data", "sft"), "dpo": ("preference_data", "sft")}
+        needs = {
+            "sft": ("sft_data",),
+            "reward_model": ("preference_data", "sft"),
+            "dpo": ("preference_data", "sft"),
+            "ppo": ("preference_data", "sft", "reward_model"),
+        }
         for stage, inputs in needs.items():
             off = [name for name in inputs if not getattr(self, name).enabled]
             if getattr(self, stage).enabled and off:

@@ -51,7 +51,7 @@ def test_deploy_registers_pools_limit_and_deployments_that_a_worker_runs(prefect
             # the form's stage dropdown offers the stages this deployment runs, no others
             assert schema["definitions"]["DataRerunStage"]["enum"] == [spec.name for spec in data_stages()]
             post_schema = deployments["post-train"].parameter_openapi_schema
-            assert post_schema["definitions"]["PosttrainRerunStage"]["enum"] == ["sft", "reward_model", "dpo"]
+            assert post_schema["definitions"]["PosttrainRerunStage"]["enum"] == ["sft", "reward_model", "dpo", "ppo"]
             assert refresh.parameters["preset"] == str(preset)
             assert deployments["end-to-end"].parameters["config"]["store"]["url"] == str(store_dir)
             assert deployments["pretrain"].parameters["then_posttrain"] is True  # pretrain chains post-train

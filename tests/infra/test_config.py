@@ -94,7 +94,7 @@ def test_post_training_is_off_by_default_and_needs_its_data():
     from lmfoundry.flows.pipeline import stage
 
     default = build_config({})
-    assert not any(getattr(default, name).enabled for name in ("sft_data", "preference_data", "sft", "reward_model", "dpo"))
+    assert not any(getattr(default, name).enabled for name in ("sft_data", "preference_data", "sft", "reward_model", "dpo", "ppo"))
     # a stage reading several sections (sft: model + sft) is off when its own section is
     assert not stage("sft").enabled(default) and stage("pretrain").enabled(default)
     with pytest.raises(ConfigError, match="sft is enabled but needs sft_data"):
@@ -102,4 +102,6 @@ def test_post_training_is_off_by_default_and_needs_its_data():
     with pytest.raises(ConfigError, match="dpo is enabled but needs preference_data"):
         build_config({"sft_data": {"enabled": True}, "sft": {"enabled": True}, "dpo": {"enabled": True}})
     demo = load_config()  # the demo preset runs the whole pipeline
-    assert all(getattr(demo, name).enabled for name in ("sft_data", "preference_data", "sft", "reward_model", "dpo"))
+    assert all(getattr(demo, name).enabled for name in ("sft_data", "preference_data", "sft", "reward_model", "dpo", "ppo"))
+    with pytest.raises(ConfigError, match="ppo is enabled but needs reward_model"):
+        build_config({"sft_data": {"enabled": True}, "preference_data": {"enabled": True}, "sft": {"enabled": True}, "ppo": {"enabled": True}})
