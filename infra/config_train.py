@@ -43,6 +43,27 @@ class TrainRecipe(Section):
         keep_checkpoints: int = Field(1, ge=1, description="committed checkpoints kept in the stage (older ones are removed)")
         timeout_s: float = Field(0, ge=0, description="fail the training after this long (0: no limit)")
 
+    class Stability(Section):
+        """Spike detection (model/stability.py): loss and grad norm against a rolling mean + k sigma."""
+
+        enabled: bool = Field(True, description="watch loss and gradient norm for spikes")
+        window: int = Field(50, ge=2, description="steps in the rolling mean and standard deviation")
+        sigmas: float = Field(6.0, gt=0, description="k: a value above mean + k sigma is a spike")
+        min_ratio: float = Field(2.0, ge=1, description="a spike must also be this many times the rolling mean")
+        warmup_steps: int = Field(20, ge=0, description="first steps never checked (early training is steep)")
+        min_history: int = Field(10, ge=2, description="values a metric needs before it can spike")
+        action: Literal["stop", "rollback"] = Field(
+            "stop", description="stop: fail naming the protected checkpoint; rollback: reload it, skip the batches since, go on"
+        )
+        lr_factor: float = Field(1.0, gt=0, le=1, description="rollback: multiply the learning rate by this at each rollback")
+        max_rollbacks: int = Field(3, ge=0, description="rollback: stop after this many rollbacks in one run")
+
+        @model_validator(mode="after")
+        def _check_window(self) -> "TrainRecipe.Stability":
+            if self.min_history > self.window:
+                raise ValueError(f"stability.min_history {self.min_history} is above stability.window {self.window}")
+            return self
+
     steps: int = Field(200, ge=1, description="optimizer steps")
     global_batch_size: int = Field(8, ge=1, description="samples per optimizer step over all ranks (must divide into ranks x micro batches)")
     lr: float = Field(3e-3, gt=0, description="peak learning rate; the default suits the tiny demo model (the seed's large presets use 1e-4)")
@@ -61,6 +82,7 @@ class TrainRecipe(Section):
     eval_samples: int = execution(256, ge=1, description="validation samples per pass (capped by the val split)")
     checkpoint_every: int = execution(100, ge=1, description="steps between committed checkpoints (and one at the end)")
     distributed: Distributed = execution(Distributed())
+    stability: Stability = Field(Stability(), description="spike detection and what happens on a spike")
 
     @model_validator(mode="after")
     def _check_schedule(self) -> "TrainRecipe":

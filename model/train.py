@@ -25,6 +25,10 @@ Work directory, written by rank 0 (other ranks only add their checkpoint shards)
 
 Every step all ranks agree on the loss (one small all-reduce), so a NaN/inf stops every rank
 with the same clear error and the last complete checkpoint stays the one to resume from.
+A finite spike (loss or grad norm above a rolling mean + k sigma, model/stability.py; the
+recipe's ``stability`` section) marks the last checkpoint before it ``PROTECTED.json`` (the
+stage's rotation keeps it), then stops with an error naming it, or rolls back to it: the
+batches since are skipped, the learning rate optionally scaled, a ``rollback`` line logged.
 """
 from __future__ import annotations
 
@@ -49,8 +53,10 @@ from lmfoundry.infra.config import ModelConfig
 from lmfoundry.infra.config_train import TrainRecipe
 from lmfoundry.infra.store import StageRef, Store
 from lmfoundry.model.objectives import OBJECTIVES, lm_batch_loss
+from lmfoundry.model.stability import Spike, StabilityMonitor
 
 COMPLETE = "COMPLETE.json"
+PROTECTED = "PROTECTED.json"  # in a checkpoint: the last one before a spike; rotation keeps it
 DONE = "DONE.json"
 METRICS = "metrics.jsonl"
 
@@ -273,6 +279,9 @@ class Trainer:
         self.engine = build_engine(model, self.cfg, self.world, self.section)
         self.step = 0
         self.tokens_seen = 0
+        stab = self.cfg.stability
+        self.monitor = StabilityMonitor(stab.window, stab.sigmas, stab.warmup_steps, stab.min_history, stab.min_ratio)
+        self.lr_scale, self.rollbacks, self.last_checkpoint = 1.0, 0, None  # scale and count change on rollback
         self.objective.prepare(self.engine)  # before a resume: it may need the starting weights
         if job.resume_tag:
             self.resume(job.resume_tag)
@@ -296,11 +305,17 @@ class Trainer:
         self.tokens_seen = int(client.get("tokens", 0))
         self.loader.load_state_dict(client["loader"])
         set_rng_state(torch.load(self.checkpoints / tag / f"rng_rank{self.rank:05d}.pt", weights_only=False))
+        self.monitor.load_state_dict(client.get("stability", {}))
+        self.lr_scale, self.rollbacks = float(client.get("lr_scale", 1.0)), int(client.get("rollbacks", 0))
+        self.last_checkpoint = tag
         self.log(f"resumed from {tag} at step {self.step} (sample {client['loader']['sample']})")
 
     def save(self, loss: float) -> None:
         tag = step_tag(self.step)
-        client = {"step": self.step, "loader": self.loader.state_dict(), "tokens": self.tokens_seen}
+        client = {
+            "step": self.step, "loader": self.loader.state_dict(), "tokens": self.tokens_seen,
+            "stability": self.monitor.state_dict(), "lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
+        }
         self.engine.save_checkpoint(str(self.checkpoints), tag=tag, client_state=client)
         torch.save(rng_state(), self.checkpoints / tag / f"rng_rank{self.rank:05d}.pt")
         self.dist.barrier()
@@ -309,6 +324,7 @@ class Trainer:
             write_json_atomic(self.checkpoints / tag / COMPLETE, marker)
             self.log(f"checkpoint {tag} saved")
             faults.hit(self.section, "after_checkpoint", self.step)
+        self.last_checkpoint = tag
 
     # ------------------------------------------------------------------ metrics
     def log(self, text: str) -> None:
@@ -380,9 +396,13 @@ class Trainer:
         last_saved = self.step
         while self.step < cfg.steps:
             log_now = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.steps
-            lr = lr_at(self.step, cfg)
+            lr = lr_at(self.step, cfg) * self.lr_scale
             last = self.train_step(record_activations=log_now)
             self.step += 1
+            spike = self.monitor.observe(self.step, last) if cfg.stability.enabled else None
+            if spike is not None:
+                self.on_spike(spike)  # raises (stop) or rolls back to the protected checkpoint
+                continue
             self.tokens_seen += last["tokens"]
             interval_tokens += last["tokens"]
             if log_now:
@@ -418,6 +438,36 @@ class Trainer:
         if last_saved != self.step:  # resumed at the final step: nothing left to train
             self.save(last.get("loss", float("nan")))
         return self.finish(time.perf_counter() - run_start)
+
+    # ------------------------------------------------------------------ spikes
+    def on_spike(self, spike: Spike) -> None:
+        """Protect the last checkpoint before the spike, then stop or roll back to it (every rank alike:
+        they all saw the same all-reduced loss and global norm)."""
+        stab, tag = self.cfg.stability, self.last_checkpoint
+        if tag is not None and self.rank == 0:
+            write_json_atomic(self.checkpoints / tag / PROTECTED, {**spike.__dict__, "rollbacks": self.rollbacks})
+        where = f"checkpoint {tag} (the last before the spike) is protected from rotation" if tag else "no checkpoint was saved before the spike"
+        if stab.action == "stop" or tag is None or self.rollbacks >= stab.max_rollbacks:
+            why = "" if stab.action == "stop" else (f"; {self.rollbacks} rollbacks used ({self.section}.stability.max_rollbacks)" if tag else "; nothing to roll back to")
+            other = f" (or set {self.section}.stability.action=rollback with lr_factor < 1)" if stab.action == "stop" else ""
+            raise DivergenceError(f"training is diverging: {spike.describe()}{why}. {where}: resume from it with a lower {self.section}.lr{other}.")
+        skip_to = self.loader.state_dict()  # past the batches that led to the spike: they are skipped
+        spike_step = self.step
+        self.log(f"spike: {spike.describe()}; rolling back to {tag}")
+        rollbacks, scale = self.rollbacks + 1, self.lr_scale * stab.lr_factor  # both compound over rollbacks
+        self.resume(tag)
+        self.rollbacks, self.lr_scale = rollbacks, scale
+        self.loader.load_state_dict(skip_to)
+        # the schedule multiplies its base rates (saved with later checkpoints, so a resume keeps
+        # them); the optimizer already holds the next step's rate
+        sched = self.engine.lr_scheduler
+        sched.base_lrs = [self.cfg.lr * scale for _ in sched.base_lrs]
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, self.cfg) * scale
+        if self.rank == 0:
+            keep_metrics_until(self.metrics_path, self.step)
+        self.write_metrics({"kind": "rollback", "step": self.step, "spike_step": spike_step, "metric": spike.metric, "value": spike.value,
+                            "threshold": spike.threshold, "to": tag, "skipped_to_sample": skip_to.get("sample"), "lr_scale": self.lr_scale})
 
     def finish(self, seconds: float) -> dict[str, Any]:
         """fp32 weights of the final step in our format, and a summary; rank 0 only writes.

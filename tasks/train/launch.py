@@ -54,6 +54,7 @@ TOKENIZER_FILE = "tokenizer.json"  # the train_tokenizer stage's
 SPECIAL_TOKENS_FILE = "special_tokens.json"
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE.json"
+PROTECTED = "PROTECTED.json"  # the trainer marks the last checkpoint before a loss/grad-norm spike
 METRICS = "metrics.jsonl"
 ERROR_LINE = re.compile(r"\[(\w+)\] ERROR:")  # what model/train.py prints before exiting on divergence
 
@@ -188,17 +189,40 @@ def download_checkpoint(out: StageDir, tag: str, work: Path) -> None:
     download_prefix(out, f"{CHECKPOINTS}/{tag}/", work, also=(METRICS,))
 
 
+def protected_checkpoints(out: StageDir) -> set[str]:
+    """Committed checkpoints marked as the last good one before a spike (never rotated away)."""
+    return {p.split("/")[1] for p in out.marked_files() if p.startswith(f"{CHECKPOINTS}/") and p.endswith(f"/{PROTECTED}")}
+
+
 class CheckpointSync:
-    """Uploads each newly completed local checkpoint and keeps the newest `keep` in the store;
-    `pinned` directories of the work dir (complete once their COMPLETE.json exists) are uploaded
-    once and kept: they belong to the stage's output."""
+    """Uploads each newly completed local checkpoint and keeps the newest `keep` in the store, plus
+    every checkpoint the trainer marked PROTECTED.json (the last one before a spike); `pinned`
+    directories of the work dir (complete once their COMPLETE.json exists) are uploaded once and
+    kept: they belong to the stage's output."""
 
     def __init__(self, out: StageDir, work: Path, keep: int, pinned: tuple[str, ...] = ()):
         self.out, self.work, self.keep, self.pinned = out, work, keep, pinned
         self.committed = committed_checkpoints(out)
         marked = out.marked_files()
         self.pinned_done = {name for name in pinned if f"{name}/{COMPLETE}" in marked}
+        self.protected = protected_checkpoints(out)
         self.uploaded = 0
+
+    def sync_protected(self, local: list[str]) -> None:
+        """Commit what the trainer protected since: the marker of an uploaded checkpoint, or the whole
+        checkpoint when it was superseded before it was uploaded (a fast run saves several per poll)."""
+        for tag in local:
+            marker = self.work / CHECKPOINTS / tag / PROTECTED
+            if tag in self.protected or not marker.exists():
+                continue
+            if tag in self.committed:
+                self.out.put_file(marker, f"{CHECKPOINTS}/{tag}/{PROTECTED}")
+            else:
+                upload_checkpoint(self.out, self.work, tag)
+                self.committed = sorted({*self.committed, tag})
+                self.uploaded += 1
+            self.protected.add(tag)
+            log.warning("checkpoint %s is protected: the last one before a training spike", tag)
 
     def restore_pinned(self) -> None:
         """Committed pinned directories that the work dir lacks (a new attempt) come back."""
@@ -213,18 +237,24 @@ class CheckpointSync:
                 self.pinned_done.add(name)
                 log.info("%s/ committed to the stage", name)
         local = local_complete_checkpoints(self.work)
+        # markers are read after the listing: the trainer protects a checkpoint before it saves a newer one
+        self.sync_protected(local)
         if not local or (self.committed and local[-1] <= self.committed[-1]):
             return
         tag = local[-1]  # older local ones that were never uploaded are superseded
         upload_checkpoint(self.out, self.work, tag)
         self.committed.append(tag)
+        if (self.work / CHECKPOINTS / tag / PROTECTED).exists():  # uploaded with it
+            self.protected.add(tag)
         self.uploaded += 1
         log.info("checkpoint %s committed to the stage", tag)
-        for old in self.committed[: -self.keep]:
+        removed = [old for old in self.committed[: -self.keep] if old not in self.protected]
+        for old in removed:
             self.out.remove(f"{CHECKPOINTS}/{old}/")
-        self.committed = self.committed[-self.keep :]
+        self.committed = [t for t in self.committed if t not in removed]
         for stale in local[:-1]:
-            shutil.rmtree(self.work / CHECKPOINTS / stale, ignore_errors=True)
+            if not (self.work / CHECKPOINTS / stale / PROTECTED).exists():
+                shutil.rmtree(self.work / CHECKPOINTS / stale, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------- one training run
