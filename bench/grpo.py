@@ -41,9 +41,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from lmfoundry.bench import _posttrain as pt
-from lmfoundry.bench._common import allowed_cores, alternating_rounds, pin_cores, print_result, rounds_arg
+from lmfoundry.bench._common import (
+    allowed_cores,
+    alternating_rounds,
+    pin_cores,
+    print_result,
+    rounds_arg,
+)
 
 TRL = "lmfoundry.bench.grpo:"  # the functions the TRL worker process runs
 
@@ -113,12 +118,11 @@ def prepare(args: argparse.Namespace, root: Path) -> Setup:
     """The tokenizer (real train_tokenizer stage on the demo text), the random model and its
     export, and the prompts: the first user turn of each demo conversation, templated by the
     exported tokenizer (what TRL does to a conversational prompt)."""
-    from transformers import AutoTokenizer
-
     from lmfoundry.model.heads import RewardModel, save_reward_model
     from lmfoundry.model.ppo_train import prompt_order
     from lmfoundry.model.transformer import load_model
     from lmfoundry.tasks.chat import demo
+    from transformers import AutoTokenizer
 
     data = pt.demo_data(root, "sft_data", args.seq_len, args.vocab)
     init = pt.init_model(root / "init", data.vocab_size, args.d_model, args.layers, args.heads, args.kv_heads, args.seed, args.init_std)
@@ -178,9 +182,8 @@ def trl_round(args: argparse.Namespace, setup: Setup, out_dir: Path) -> dict[str
     """A fresh GRPOTrainer on the exported model and --steps steps of its train(): the same
     prompts in our order, the same rule reward, sampling and optimizer settings."""
     from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
-
     from lmfoundry.infra.config_posttrain import PpoConfig
+    from trl import GRPOConfig, GRPOTrainer
 
     model, tokenizer = pt.load_hf(setup.hf_dir)
     cfg = PpoConfig()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from lmfoundry.bench import _posttrain as pt
 from lmfoundry.bench import grpo
 
