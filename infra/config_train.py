@@ -48,8 +48,8 @@ class TrainRecipe(Section):
 
         enabled: bool = Field(True, description="watch loss and gradient norm for spikes")
         window: int = Field(50, ge=2, description="steps in the rolling mean and standard deviation")
-        sigmas: float = Field(6.0, gt=0, description="k: a value above mean + k sigma is a spike")
-        min_ratio: float = Field(2.0, ge=1, description="a spike must also be this many times the rolling mean")
+        sigmas: float = Field(8.0, gt=0, description="k: a value above mean + k sigma is a spike")
+        min_ratio: float = Field(3.0, ge=1, description="a spike must also be this many times the rolling mean")
         warmup_steps: int = Field(20, ge=0, description="first steps never checked (early training is steep)")
         min_history: int = Field(10, ge=2, description="values a metric needs before it can spike")
         action: Literal["stop", "rollback"] = Field(

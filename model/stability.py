@@ -4,7 +4,7 @@ A NaN/inf is caught by the run loop itself (model/train.py); this catches the sl
 too-high learning rate makes the loss climb and the gradient norm explode with finite numbers. Each
 watched metric is compared with the mean + k standard deviations of its last `window` values::
 
-    monitor = StabilityMonitor(window=50, sigmas=6.0, warmup_steps=20, min_history=10)
+    monitor = StabilityMonitor(window=50, sigmas=8.0, warmup_steps=20, min_history=10, min_ratio=3.0)
     spike = monitor.observe(step, {"loss": 3.2, "grad_norm": 0.8})   # None, or a Spike
     client_state["stability"] = monitor.state_dict()                  # saved with each checkpoint
 
@@ -48,7 +48,7 @@ def mean_std(values) -> tuple[float, float]:
 
 
 class StabilityMonitor:
-    def __init__(self, window: int = 50, sigmas: float = 6.0, warmup_steps: int = 20, min_history: int = 10, min_ratio: float = 2.0, metrics: tuple[str, ...] = WATCHED):
+    def __init__(self, window: int = 50, sigmas: float = 8.0, warmup_steps: int = 20, min_history: int = 10, min_ratio: float = 3.0, metrics: tuple[str, ...] = WATCHED):
         if window < 2 or min_history < 2 or min_history > window:
             raise ValueError(f"stability: need 2 <= min_history ({min_history}) <= window ({window})")
         self.window, self.sigmas, self.warmup_steps, self.min_history, self.min_ratio = window, sigmas, warmup_steps, min_history, min_ratio

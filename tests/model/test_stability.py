@@ -68,7 +68,9 @@ def test_the_issues_diverging_run_is_caught_and_noise_is_not():
     for step in range(1, 501):
         metrics = {"loss": 6.0 * math.exp(-step / 300) + rng.gauss(0, 0.15), "grad_norm": 0.7 * (1 + rng.gauss(0, 0.1))}
         assert normal.observe(step, metrics) is None, (step, metrics)
-    monitor = StabilityMonitor()
+    # the defaults (k 8, 3x the mean) let a smooth 22 %/step climb widen sigma as fast as it grows;
+    # k = 6 catches the onset (a rolling window only ever catches the onset of a smooth climb)
+    monitor = StabilityMonitor(sigmas=6.0)
     for step in range(1, 61):
         assert monitor.observe(step, {"loss": 8.0 + rng.gauss(0, 0.1), "grad_norm": 1.0 + rng.gauss(0, 0.1)}) is None
     for i in range(151):
@@ -90,3 +92,12 @@ def test_state_round_trip_resumes_the_same_decisions():
         assert (a.observe(20, {"loss": value}) is None) == (b.observe(20, {"loss": value}) is None)
     with pytest.raises(ValueError, match="min_history"):
         StabilityMonitor(window=4, min_history=5)
+
+
+def test_the_defaults_catch_an_abrupt_jump():
+    """A too-high rate that bites at once: the grad norm jumps 8x (1.3 -> 7.7 seen here) and the loss 3x."""
+    monitor = StabilityMonitor()
+    for step in range(1, 41):
+        assert monitor.observe(step, {"loss": 3.5 + 0.1 * math.sin(step), "grad_norm": 1.0 + 0.2 * math.sin(3 * step)}) is None
+    assert monitor.observe(41, {"loss": 3.6, "grad_norm": 7.7}).metric == "grad_norm"
+    assert monitor.observe(41, {"loss": 11.0, "grad_norm": 1.0}).metric == "loss"
