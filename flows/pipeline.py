@@ -29,7 +29,8 @@ STAGES: list[StageSpec] = [
     StageSpec("sft", TASKS + "train.sft:run_sft", section=("model", "sft"), inputs=("sft_data", "pretrain", "train_tokenizer"), gpu=True),
     StageSpec("reward_model", TASKS + "train.reward_model:run_reward_model", section="reward_model", inputs=("preference_data", "sft"), gpu=True),
     StageSpec("dpo", TASKS + "train.dpo:run_dpo", section="dpo", inputs=("preference_data", "sft", "train_tokenizer"), gpu=True),
-    StageSpec("ppo", TASKS + "train.ppo:run_ppo", section="ppo", inputs=("preference_data", "sft", "reward_model", "train_tokenizer"), gpu=True),
+    # ppo runs its own rollout loop: the recipe's spike monitor (stability) does not apply to it
+    StageSpec("ppo", TASKS + "train.ppo:run_ppo", section="ppo", inputs=("preference_data", "sft", "reward_model", "train_tokenizer"), unused=("stability",), gpu=True),
 ]
 
 STAGE_NAMES = [spec.name for spec in STAGES]
