@@ -176,7 +176,8 @@ def recipe(section: str, args: argparse.Namespace):
 def our_trainer(objective: str, data: DemoData, init_dir: Path, work_dir: Path, train_recipe, options: dict[str, Any] | None = None):
     """model/train.py's Trainer for one rank in this process: the engine, loader and objective the
     training stages run (DPO computes its reference log-probs here, before any step)."""
-    from lmfoundry.model.train import Trainer, TrainJob, init_single_process
+    from lmfoundry.model.train import Trainer, TrainJob
+    from lmfoundry.model.engine import init_single_process
 
     init_single_process("gloo")
     job = TrainJob(

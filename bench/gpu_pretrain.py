@@ -7,10 +7,10 @@
 
 One command that builds, checks and times, in a few minutes:
 1. builds the model (model/transformer.py) at the chosen size and our DeepSpeed engine
-   (lmfoundry.model.train.build_engine: AdamW, warmup + cosine, clipping 1.0, bf16, ZeRO stage 1);
+   (lmfoundry.model.engine.build_engine: AdamW, warmup + cosine, clipping 1.0, bf16, ZeRO stage 1);
 2. checks that the flash kernel of ``scaled_dot_product_attention`` accepts our attention
    shapes (then forces it while timing), and that both loops start from the same loss;
-3. times ``lmfoundry.model.train.engine_step`` and, as the baseline, a textbook PyTorch loop
+3. times ``lmfoundry.model.engine.engine_step`` and, as the baseline, a textbook PyTorch loop
    (fp32 weights, bf16 autocast, fused AdamW, clipping) on the same model and batches,
    alternating in chunks of --chunk steps; each chunk is a round and the median round's
    tokens/s counts. MFU = FLOPs/token (6N + attention) x tokens/s / peak.
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     from lmfoundry.bench._common import median_chunk_rate, print_result
     from lmfoundry.infra.config import ModelConfig, PretrainConfig
     from lmfoundry.model.losses import lm_loss, split_batch
-    from lmfoundry.model.train import build_engine, engine_step, init_single_process
+    from lmfoundry.model.engine import build_engine, engine_step, init_single_process
     from lmfoundry.model.transformer import Transformer, resolve
 
     if not args.smoke and not torch.cuda.is_available():

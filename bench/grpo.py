@@ -149,7 +149,7 @@ def our_round(args: argparse.Namespace, setup: Setup, work: Path) -> dict[str, A
     """A fresh PpoTrainer (one rank, this process) and --steps of its step(): a pt.Round with a
     clock mark before and after each step, plus per-step tokens, rewards, KL and time split."""
     from lmfoundry.model.ppo_train import PpoJob, PpoTrainer
-    from lmfoundry.model.train import init_single_process
+    from lmfoundry.model.engine import init_single_process
 
     init_single_process("gloo")
     target = setup.target

@@ -4,7 +4,7 @@
 
 Both sides train the same model (same initial weights), on the same batches, with the same
 optimizer (AdamW, matrices decayed), schedule (warmup + cosine), clipping (1.0) and fp32, in
-this one process on CPU. Ours is ``lmfoundry.model.train.engine_step`` on a DeepSpeed engine (ZeRO
+this one process on CPU. Ours is ``lmfoundry.model.engine.engine_step`` on a DeepSpeed engine (ZeRO
 stage as given, gloo world of one rank) plus the per-step loss all-reduce the trainer does;
 the baseline is the textbook loop. Steps alternate in chunks of --chunk steps so machine noise
 hits both alike; each chunk is a round, and the median round's tokens/s counts (at least 3
@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
     import torch.distributed as dist
 
     from lmfoundry.infra.config import ModelConfig, PretrainConfig
-    from lmfoundry.model.train import build_engine, engine_step, init_single_process, make_scheduler, param_groups
+    from lmfoundry.model.engine import build_engine, engine_step, init_single_process, make_scheduler, param_groups
     from lmfoundry.model.transformer import Transformer, resolve
 
     init_single_process("gloo")

@@ -60,7 +60,8 @@ from lmfoundry.model import ppo
 from lmfoundry.model.generate import GREEDY, Sampling, generate
 from lmfoundry.model.heads import ValueModel, load_reward_model, reward_stats
 from lmfoundry.model.rl import KLController
-from lmfoundry.model.train import COMPLETE, DONE, METRICS, DivergenceError, build_engine, keep_metrics_until, lr_at, micro_steps, rng_state, set_rng_state, step_tag, write_json_atomic
+from lmfoundry.model.train import COMPLETE, DONE, METRICS, DivergenceError, keep_metrics_until, rng_state, set_rng_state, step_tag, write_json_atomic
+from lmfoundry.model.engine import build_engine, lr_at, micro_steps
 from lmfoundry.model.transformer import load_model, save_model
 
 SECTION = "ppo"

@@ -27,7 +27,7 @@ SEQ = 32
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """One rank in this process (what a launcher sets up); the environment is restored afterwards."""
-    from lmfoundry.model.train import init_single_process
+    from lmfoundry.model.engine import init_single_process
 
     saved = dict(os.environ)
     threads = torch.get_num_threads()

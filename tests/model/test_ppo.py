@@ -37,7 +37,7 @@ def prompts(n: int, seed: int) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """One rank in this process; a tiny random policy and a reward model on its body."""
-    from lmfoundry.model.train import init_single_process
+    from lmfoundry.model.engine import init_single_process
 
     saved = dict(os.environ)
     threads = torch.get_num_threads()

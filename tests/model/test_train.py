@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from lmfoundry.infra.config import ModelConfig, PretrainConfig
 from lmfoundry.infra.store import Store
-from lmfoundry.model.train import TrainJob, batch_split, deepspeed_config, lr_at
+from lmfoundry.model.train import TrainJob
+from lmfoundry.model.engine import batch_split, deepspeed_config, lr_at
 from lmfoundry.tasks.train.pretrain import free_port, launch_command, launch_env
 from tests.model.token_fixtures import commit_tokens, markov_tokens, read_metrics
 
