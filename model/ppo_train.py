@@ -38,10 +38,8 @@ Work directory, written by rank 0 (other ranks add their checkpoint shards)::
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import logging
 import math
 import os
 import shutil
@@ -60,7 +58,7 @@ from lmfoundry.model import ppo
 from lmfoundry.model.generate import GREEDY, Sampling, generate
 from lmfoundry.model.heads import ValueModel, load_reward_model, reward_stats
 from lmfoundry.model.rl import KLController
-from lmfoundry.model.train import COMPLETE, DONE, METRICS, DivergenceError, keep_metrics_until, rng_state, set_rng_state, step_tag, write_json_atomic
+from lmfoundry.model.train import COMPLETE, DONE, METRICS, DivergenceError, run_rank, keep_metrics_until, rng_state, set_rng_state, step_tag, write_json_atomic
 from lmfoundry.model.engine import build_engine, lr_at, micro_steps
 from lmfoundry.model.transformer import load_model, save_model
 
@@ -387,22 +385,7 @@ class PpoTrainer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="PPO / GRPO rank (see module docstring)")
-    parser.add_argument("--job", required=True, help="PpoJob JSON file")
-    parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
-    args = parser.parse_args(argv)
-    if args.local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    job = PpoJob.model_validate_json(Path(args.job).read_text())
-    rank = int(os.environ.get("RANK", "0"))
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING if rank == 0 else logging.ERROR)
-    try:
-        PpoTrainer(job).run()
-    except DivergenceError as exc:
-        if rank == 0:
-            print(f"[{SECTION}] ERROR: {exc}", file=sys.stderr, flush=True)
-        return 3
-    return 0
+    return run_rank(argv, PpoJob, PpoTrainer, lambda job: SECTION)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -385,24 +385,30 @@ class Trainer:
 
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="DeepSpeed training rank (see module docstring)")
-    parser.add_argument("--job", required=True, help="TrainJob JSON file")
+def run_rank(argv: list[str] | None, job_type: type[BaseModel], trainer_type: type, section: Callable[[Any], str]) -> int:
+    """One rank's entry point (the launcher starts one per device): read the job file, run the
+    trainer; a divergence is one clear line from rank 0 and exit status 3."""
+    parser = argparse.ArgumentParser(description=f"one {trainer_type.__name__} rank (see the module docstring)")
+    parser.add_argument("--job", required=True, help=f"{job_type.__name__} JSON file")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     args = parser.parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    job = TrainJob.model_validate_json(Path(args.job).read_text())
+    job = job_type.model_validate_json(Path(args.job).read_text())
     rank = int(os.environ.get("RANK", "0"))
     # DeepSpeed logs its whole config at INFO on every rank; rank 0's own lines are enough
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING if rank == 0 else logging.ERROR)
     try:
-        Trainer(job).run()
+        trainer_type(job).run()
     except DivergenceError as exc:
         if rank == 0:
-            print(f"[{job.section}] ERROR: {exc}", file=sys.stderr, flush=True)
+            print(f"[{section(job)}] ERROR: {exc}", file=sys.stderr, flush=True)
         return 3
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_rank(argv, TrainJob, Trainer, lambda job: job.section)
 
 
 if __name__ == "__main__":

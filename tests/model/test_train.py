@@ -172,7 +172,10 @@ def test_launch_commands():
 
 
 def test_gpu_benchmark_script_runs_tiny_on_cpu():
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    # a fresh process picks its own rendezvous port: an earlier test may have started a one-rank
+    # world in this pytest process, whose MASTER_PORT (still listening) the child must not inherit
+    rendezvous = {"MASTER_PORT", "MASTER_ADDR", "RANK", "LOCAL_RANK", "WORLD_SIZE"}
+    env = {k: v for k, v in os.environ.items() if k not in rendezvous} | {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run([sys.executable, "bench/gpu_pretrain.py", "--smoke"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
