@@ -417,7 +417,8 @@ def render_html(store: Store, pipeline: str, infos: list[StageInfo], title: str)
     )
 
 
-def build_report(store: Store, pipeline: str, stage_order: list[str], snapshot: str | None = None) -> str:
-    versions = pipeline_versions(store, pipeline, stage_order, snapshot)
-    title = f"lmfoundry report: {pipeline}" + (f" snapshot {snapshot}" if snapshot else " (current refs)")
+def build_report(store: Store, pipeline: str, stage_order: list[str], snapshot: str | None = None, versions: dict[str, str] | None = None) -> str:
+    """The report of a snapshot, of the given stage versions (those a config produces), else of the current refs."""
+    title = f"lmfoundry report: {pipeline}" + (f" snapshot {snapshot}" if snapshot else " (this config's versions)" if versions is not None else " (current refs)")
+    versions = pipeline_versions(store, pipeline, stage_order, snapshot) if snapshot is not None or versions is None else versions
     return render_html(store, pipeline, collect(store, versions), title)

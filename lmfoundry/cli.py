@@ -122,13 +122,25 @@ def cmd_show(args) -> int:
 
     cfg = _config(args)
     store = Store.from_config(cfg.store)
-    version = args.version or store.get_ref(cfg.store.pipeline, args.stage)
+    version = args.version or config_versions(store, cfg).get(args.stage)
+    if version is None:  # this config's version is not committed: the pipeline's ref, said as such
+        version = store.get_ref(cfg.store.pipeline, args.stage)
+        if version:
+            print(f"this config's version of {args.stage} is not committed; showing the pipeline's ref {version} (another run's)", file=sys.stderr)
     manifest = store.manifest(args.stage, version) if version else None
     if manifest is None:
         print(f"stage '{args.stage}' has no committed version{' ' + version if version else ''} in {cfg.store.url}; run `lmf run` first", file=sys.stderr)
         return 2
     print(json.dumps(manifest, indent=2))
     return 0
+
+
+def config_versions(store, cfg) -> dict[str, str]:
+    """stage -> the committed version this config produces (what `lmf status` calls fresh)."""
+    from lmfoundry.flows.pipeline import STAGES
+    from lmfoundry.infra.stage import plan
+
+    return {row.stage: row.version for row in plan(store, STAGES, cfg) if row.action == "skip" and row.version}
 
 
 def cmd_verify(args) -> int:
@@ -225,7 +237,7 @@ def _deployments(args, verb: str, action, **extra) -> int:
 
 
 def cmd_report(args) -> int:
-    """Write a self-contained HTML report of the pipeline's current refs (or a snapshot)."""
+    """Write a self-contained HTML report of the versions this config produces (or a snapshot)."""
     from pathlib import Path
 
     from lmfoundry.flows.pipeline import STAGE_NAMES
@@ -233,8 +245,10 @@ def cmd_report(args) -> int:
     from lmfoundry.infra.store import Store
 
     cfg = _config(args)
+    store = Store.from_config(cfg.store)
     try:
-        text = build_report(Store.from_config(cfg.store), cfg.store.pipeline, STAGE_NAMES, args.snapshot)
+        versions = None if args.snapshot else config_versions(store, cfg)
+        text = build_report(store, cfg.store.pipeline, STAGE_NAMES, args.snapshot, versions)
     except ValueError as exc:
         print(f"lmf report: {exc}", file=sys.stderr)
         return 2

@@ -86,6 +86,9 @@ def test_second_run_skips_everything_and_config_change_reruns_only_downstream(pr
 
     shown = lmf(["show", "ingest", "--config", str(config)], api)
     assert json.loads(shown.stdout)["stats"]["docs_out"] == 6
+    # the ref of exact_dedup points at the normalize=none run; show describes this config's version
+    plain = lmf(["show", "exact_dedup", "--config", str(config)], api)
+    assert json.loads(plain.stdout)["config"]["normalize"] != "none"
 
 
 def test_until_and_force(project):
