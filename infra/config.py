@@ -21,8 +21,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from lmfoundry.infra.config_posttrain import DpoConfig, PpoConfig, PreferenceDataConfig, RewardModelConfig, SftConfig, SftDataConfig
-from lmfoundry.infra.config_base import EXECUTION_KEY, Section, execution  # noqa: F401  (re-exported)
+from lmfoundry.infra.config_posttrain import AugmentConfig, DpoConfig, PpoConfig, PreferenceDataConfig, RewardModelConfig, SftConfig, SftDataConfig
+from lmfoundry.infra.config_base import EXECUTION_KEY, Section, added_later, execution  # noqa: F401  (re-exported)
 from lmfoundry.infra.config_data import (  # noqa: F401  (re-exported: every section is importable from here)
     SourceConfig,
     IngestConfig,
@@ -38,6 +38,7 @@ from lmfoundry.infra.config_data import (  # noqa: F401  (re-exported: every sec
     TokenizeConfig,
 )
 from lmfoundry.infra.config_train import TrainRecipe
+from lmfoundry.infra.config_review import ReviewConfig
 from lmfoundry.infra.credentials import StorageOptions
 
 
@@ -70,6 +71,10 @@ class ModelConfig(Section):
     """Issue 8: decoder-only transformer shape (model/transformer.py); MoE when moe_experts > 0."""
 
     vocab_size: int = Field(0, ge=0, description="0: the tokenizer's vocabulary size, read from the token shards")
+    pad_vocab_to: int = added_later(
+        1, ge=1, description="round the embedding and output rows up to a multiple of this (128 suits GPU matmuls); the extra rows are never sampled or exported"
+    )
+    token_vocab_size: int = added_later(0, ge=0, description="filled by resolve(): the tokenizer's own size when vocab_size was padded; 0: vocab_size")
     d_model: int = Field(128, ge=8, description="residual stream width")
     n_layers: int = Field(2, ge=1)
     n_heads: int = Field(4, ge=1, description="query heads; head_dim = d_model / n_heads")
@@ -84,6 +89,7 @@ class ModelConfig(Section):
     moe_shared_experts: int = Field(1, ge=0, description="experts every token always uses (DeepSeekMoE)")
     moe_expert_hidden: int = Field(0, ge=0, description="hidden width of one expert; 0: ffn_hidden / (moe_top_k + moe_shared_experts)")
     moe_aux_weight: float = Field(0.01, ge=0, description="weight of the load-balancing loss added to the LM loss")
+    moe_z_loss_weight: float = added_later(0.0, ge=0, description="weight of the router z-loss (mean squared logsumexp of router logits, ST-MoE; 1e-3 is usual); 0: off")
 
     @model_validator(mode="after")
     def _check_shape(self) -> "ModelConfig":
@@ -95,6 +101,9 @@ class ModelConfig(Section):
             raise ValueError(f"model.n_heads {self.n_heads} is not a multiple of model.n_kv_heads {self.n_kv_heads}")
         if self.moe_experts and self.moe_top_k > self.moe_experts:
             raise ValueError(f"model.moe_top_k {self.moe_top_k} exceeds model.moe_experts {self.moe_experts}")
+        if self.moe_z_loss_weight and not self.moe_aux_weight:
+            # the trainer scales the model's router loss by moe_aux_weight; z rides in it (model/moe.py)
+            raise ValueError("model.moe_z_loss_weight needs model.moe_aux_weight > 0 (set a small one, e.g. 1e-4, or turn the z-loss off)")
         return self
 
 
@@ -128,12 +137,15 @@ class PipelineConfig(Section):
     tokenize: TokenizeConfig = TokenizeConfig()
     model: ModelConfig = ModelConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    augment: AugmentConfig = AugmentConfig()
     sft_data: SftDataConfig = SftDataConfig()
     preference_data: PreferenceDataConfig = PreferenceDataConfig()
     sft: SftConfig = SftConfig()
     reward_model: RewardModelConfig = RewardModelConfig()
     dpo: DpoConfig = DpoConfig()
     ppo: PpoConfig = PpoConfig()
+    review_docs: ReviewConfig = ReviewConfig()  # issue 21: expert review after pii_scrub (tasks/review/)
+    review_pairs: ReviewConfig = ReviewConfig()  # and after preference_data
 
     @model_validator(mode="after")
     def _post_training_has_its_inputs(self) -> "PipelineConfig":

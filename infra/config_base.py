@@ -6,11 +6,18 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 EXECUTION_KEY = "execution"
+NEW_KEY = "identity_when_set"
 
 
 def execution(default: Any, **kwargs: Any) -> Any:
     """A field that changes how a stage runs but not what it produces."""
     return Field(default, json_schema_extra={EXECUTION_KEY: True}, **kwargs)
+
+
+def added_later(default: Any, **kwargs: Any) -> Any:
+    """An identity field added after versions were committed: left out of the identity while it
+    holds its default, so every version committed before the field existed keeps its hash."""
+    return Field(default, json_schema_extra={NEW_KEY: True}, **kwargs)
 
 
 class Section(BaseModel):
@@ -24,6 +31,8 @@ class Section(BaseModel):
             if extra.get(EXECUTION_KEY):
                 continue
             value = getattr(self, name)
+            if extra.get(NEW_KEY) and value == field.default:
+                continue
             out[name] = value.identity() if isinstance(value, Section) else _plain(value)
         return out
 
