@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from lmfoundry.infra.config_posttrain import AugmentConfig, DpoConfig, PpoConfig, PreferenceDataConfig, RewardModelConfig, SftConfig, SftDataConfig
+from lmfoundry.infra.config_posttrain import DpoConfig, PpoConfig, PreferenceDataConfig, RewardModelConfig, SftConfig, SftDataConfig
 from lmfoundry.infra.config_base import EXECUTION_KEY, Section, added_later, execution  # noqa: F401  (re-exported)
 from lmfoundry.infra.config_data import (  # noqa: F401  (re-exported: every section is importable from here)
     SourceConfig,
@@ -38,7 +38,6 @@ from lmfoundry.infra.config_data import (  # noqa: F401  (re-exported: every sec
     TokenizeConfig,
 )
 from lmfoundry.infra.config_train import TrainRecipe
-from lmfoundry.infra.config_review import ReviewConfig
 from lmfoundry.infra.credentials import StorageOptions
 
 
@@ -71,10 +70,6 @@ class ModelConfig(Section):
     """Issue 8: decoder-only transformer shape (model/transformer.py); MoE when moe_experts > 0."""
 
     vocab_size: int = Field(0, ge=0, description="0: the tokenizer's vocabulary size, read from the token shards")
-    pad_vocab_to: int = added_later(
-        1, ge=1, description="round the embedding and output rows up to a multiple of this (128 suits GPU matmuls); the extra rows are never sampled or exported"
-    )
-    token_vocab_size: int = added_later(0, ge=0, description="filled by resolve(): the tokenizer's own size when vocab_size was padded; 0: vocab_size")
     d_model: int = Field(128, ge=8, description="residual stream width")
     n_layers: int = Field(2, ge=1)
     n_heads: int = Field(4, ge=1, description="query heads; head_dim = d_model / n_heads")
@@ -137,15 +132,12 @@ class PipelineConfig(Section):
     tokenize: TokenizeConfig = TokenizeConfig()
     model: ModelConfig = ModelConfig()
     pretrain: PretrainConfig = PretrainConfig()
-    augment: AugmentConfig = AugmentConfig()
     sft_data: SftDataConfig = SftDataConfig()
     preference_data: PreferenceDataConfig = PreferenceDataConfig()
     sft: SftConfig = SftConfig()
     reward_model: RewardModelConfig = RewardModelConfig()
     dpo: DpoConfig = DpoConfig()
     ppo: PpoConfig = PpoConfig()
-    review_docs: ReviewConfig = ReviewConfig()  # issue 21: expert review after pii_scrub (tasks/review/)
-    review_pairs: ReviewConfig = ReviewConfig()  # and after preference_data
 
     @model_validator(mode="after")
     def _post_training_has_its_inputs(self) -> "PipelineConfig":

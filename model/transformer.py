@@ -39,29 +39,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmfoundry.infra.config import ModelConfig
-from lmfoundry.model.losses import linear_cross_entropy
 from lmfoundry.model.moe import MoE
 
 
 def resolve(cfg: ModelConfig, vocab_size: int | None = None) -> ModelConfig:
-    """Fill the fields that default from data or other fields (vocab, ffn_hidden, expert width).
-
-    With ``pad_vocab_to`` > 1 the vocabulary rows round up to its multiple and
-    ``token_vocab_size`` keeps the tokenizer's own size (generation and export use only those rows)."""
+    """Fill the fields that default from data or other fields (vocab, ffn_hidden, expert width)."""
     vocab = cfg.vocab_size or vocab_size
     if not vocab:
         raise ValueError("model.vocab_size is 0 and no vocabulary size was given by the token shards")
-    real = cfg.token_vocab_size or vocab
-    padded = cfg.pad_vocab_to * math.ceil(vocab / cfg.pad_vocab_to)
     ffn = cfg.ffn_hidden or 64 * math.ceil(8 * cfg.d_model / 3 / 64)
     expert = cfg.moe_expert_hidden or max(8, ffn // (cfg.moe_top_k + cfg.moe_shared_experts))
-    update = {"vocab_size": padded, "token_vocab_size": real if real != padded else 0, "ffn_hidden": ffn}
-    return cfg.model_copy(update={**update, "moe_expert_hidden": expert if cfg.moe_experts else 0})
-
-
-def token_vocab(cfg: ModelConfig) -> int:
-    """The tokenizer's vocabulary size: vocab_size less the padding rows (never a real token)."""
-    return cfg.token_vocab_size or cfg.vocab_size
+    return cfg.model_copy(update={"vocab_size": vocab, "ffn_hidden": ffn, "moe_expert_hidden": expert if cfg.moe_experts else 0})
 
 
 class RMSNorm(nn.Module):
@@ -203,21 +191,14 @@ class Transformer(nn.Module):
         segments: torch.Tensor | None = None,
         return_hidden: bool = False,
         cache: "KVCache | None" = None,
-        targets: torch.Tensor | None = None,
-        label_smoothing: float = 0.0,
-        loss_chunk: int = 4096,
     ):
         """tokens [B, T] -> logits [B, T, V], mean MoE balance loss over MoE layers (0 when dense);
         with return_hidden also the final normed hidden states [B, T, D] (what lm_head reads).
-        With targets [B, T]: (CESums, aux) instead, the output projection fused with the
-        cross-entropy `loss_chunk` tokens at a time (model/losses.py): no [B, T, V] logits.
 
         positions [B, T]: rotary position of each token (default 0..T-1); segments [B, T]: tokens
         attend only to earlier tokens of the same segment (default: one segment per row).
         cache: the tokens follow the cache's filled slots (positions and segments required)."""
         hidden, aux = self.hidden_states(tokens, positions, segments, cache)
-        if targets is not None:
-            return linear_cross_entropy(hidden, self.lm_head.weight, targets, label_smoothing, loss_chunk), aux
         logits = self.lm_head(hidden)  # [B, T, V]
         return (logits, aux, hidden) if return_hidden else (logits, aux)
 
