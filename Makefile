@@ -19,9 +19,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
-# Debian's Chromium drives the browser test of the Prefect UI (root on CI; skipped if present)
+# Debian's Chromium drives the browser test of the Prefect UI; WordNet (wordnet-base) feeds the
+# augment stage's synonyms (root on CI; skipped if present)
 system-deps:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+	@test -f /usr/share/wordnet/data.noun || (apt-get update -qq && apt-get install -y -qq wordnet-base >/dev/null)
 
 demo: setup
 	$(VENV)/bin/lmf run --config configs/demo.yaml

@@ -23,7 +23,9 @@ STAGES: list[StageSpec] = [
     StageSpec("pii_scrub", TASKS + "pii.scrub:run_pii_scrub", section="pii", inputs=("quality_filter",)),
     StageSpec("train_tokenizer", TASKS + "tokens.train_tokenizer:run_train_tokenizer", section="tokenizer", inputs=("pii_scrub",)),
     StageSpec("tokenize", TASKS + "tokens.tokenize:run_tokenize", section="tokenize", inputs=("pii_scrub", "train_tokenizer")),
-    StageSpec("sft_data", TASKS + "chat.sft_data:run_sft_data", section="sft_data", inputs=("train_tokenizer",)),
+    # off by default; when on, its variants of the train conversations join sft_data's train split
+    StageSpec("augment", TASKS + "chat.augment:run_augment", section=("augment", "sft_data")),
+    StageSpec("sft_data", TASKS + "chat.sft_data:run_sft_data", section="sft_data", inputs=("train_tokenizer", "augment")),
     StageSpec("preference_data", TASKS + "chat.preference_data:run_preference_data", section="preference_data", inputs=("train_tokenizer",)),
     StageSpec("pretrain", TASKS + "train.pretrain:run_pretrain", section=("model", "pretrain"), inputs=("tokenize", "train_tokenizer"), gpu=True),
     StageSpec("sft", TASKS + "train.sft:run_sft", section=("model", "sft"), inputs=("sft_data", "pretrain", "train_tokenizer"), gpu=True),

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from lmfoundry.infra.config_posttrain import DpoConfig, PpoConfig, PreferenceDataConfig, RewardModelConfig, SftConfig, SftDataConfig
+from lmfoundry.infra.config_posttrain import AugmentConfig, DpoConfig, PpoConfig, PreferenceDataConfig, RewardModelConfig, SftConfig, SftDataConfig
 from lmfoundry.infra.config_base import EXECUTION_KEY, Section, added_later, execution  # noqa: F401  (re-exported)
 from lmfoundry.infra.config_data import (  # noqa: F401  (re-exported: every section is importable from here)
     SourceConfig,
@@ -132,6 +132,7 @@ class PipelineConfig(Section):
     tokenize: TokenizeConfig = TokenizeConfig()
     model: ModelConfig = ModelConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    augment: AugmentConfig = AugmentConfig()
     sft_data: SftDataConfig = SftDataConfig()
     preference_data: PreferenceDataConfig = PreferenceDataConfig()
     sft: SftConfig = SftConfig()

@@ -55,6 +55,39 @@ class PreferenceDataConfig(_ChatDataConfig):
     """Preference pairs -> templated, tokenized Arrow shards (tasks/chat/preference_data.py)."""
 
 
+class BackTranslationConfig(Section):
+    """Round trip through a pivot language with two local Hugging Face seq2seq models (MarianMT
+    style: one directory per direction, e.g. en->de and de->en). Nothing is downloaded."""
+
+    forward: str = Field(description="directory of the model that translates into the pivot language")
+    backward: str = Field(description="directory of the model that translates back")
+    batch_size: int = execution(16, ge=1, description="sentences per generate call")
+    max_new_tokens: int = Field(256, ge=1, description="longest translation of one sentence")
+    device: str = execution("cpu", description="torch device of both models")
+
+
+class AugmentConfig(Section):
+    """Stage `augment` (tasks/chat/augment.py): new variants of the SFT training conversations by
+    WordNet synonym replacement and/or back-translation; sft_data adds them to its train split.
+    Validation conversations are never augmented (the held-out loss stays honest)."""
+
+    enabled: bool = Field(False, description="off by default: measure on your data whether it helps (README: Augmentation)")
+    methods: list[Literal["synonyms", "backtranslation"]] = Field(["synonyms"], min_length=1, description="each method makes its own variants")
+    copies: int = Field(1, ge=1, le=16, description="variants per training conversation and method")
+    roles: list[Literal["user", "assistant"]] = Field(["user", "assistant"], min_length=1, description="whose messages are rewritten")
+    synonym_rate: float = Field(0.2, gt=0, le=1, description="chance that each replaceable word is replaced")
+    pos: list[Literal["noun", "verb", "adj", "adv"]] = Field(["noun", "verb", "adj", "adv"], min_length=1, description="parts of speech that may be replaced")
+    wordnet_dir: str = Field("/usr/share/wordnet", description="WordNet 3.0 database files (Debian: apt-get install wordnet-base)")
+    backtranslation: BackTranslationConfig | None = Field(None, description="the two model directories; required by the backtranslation method")
+    seed: int = Field(0, description="the same seed, data and settings give the same variants")
+
+    @model_validator(mode="after")
+    def _models_for_backtranslation(self) -> "AugmentConfig":
+        if "backtranslation" in self.methods and self.backtranslation is None:
+            raise ValueError("augment.methods has backtranslation but augment.backtranslation is not set: give forward and backward model directories")
+        return self
+
+
 class SftConfig(TrainRecipe):
     """Supervised fine-tuning from the pretrained model (tasks/train/sft.py): loss on assistant
     tokens only, packed conversations attend only within themselves. The recipe fields are the

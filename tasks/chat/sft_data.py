@@ -14,6 +14,9 @@ corpus (tasks/chat/demo.py). Output (the post-training contract; read by model/ 
   splits {"train": [{"path", "samples", "conversations", "assistant_tokens"}], "val": [...]},
   conversations, assistant_tokens (totals), packing "reset_positions", val_fraction, tokenizer.
 
+With the `augment` stage enabled (an input then), its variants of train conversations join the
+train split (labelled ``augment:<method>`` in conversations_by_source); val is never augmented.
+
 Rules: each conversation is rendered by model/chat.py. Trailing user turns (no reply to learn)
 are dropped and counted. A conversation longer than seq_len + 1 tokens is cut at the last
 message boundary that ends an assistant turn and fits (too_long_truncated), or dropped when no
@@ -26,6 +29,7 @@ Run alone: ``lmf run --until sft_data``.
 """
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -45,6 +49,7 @@ from lmfoundry.tasks.chat.shapes import PREFERENCE_SHAPES, parse_conversation
 
 CODE_VERSION = "1"
 SECTION = "sft_data"
+AUGMENT_STAGE, AUGMENTED_FILE = "augment", "augmented.jsonl"  # tasks/chat/augment.py's output
 log = logging.getLogger("lmfoundry.sft_data")
 
 
@@ -56,6 +61,8 @@ class SftDataStats(BaseModel):
     trailing_turns_dropped: int  # user turns after the last assistant turn
     too_long_truncated: int
     too_long_dropped: int
+    augmented_in: int = 0  # variants read from the augment stage (its train conversations' copies)
+    augmented_source_not_in_train: int = 0  # variants left out: their source is in val or was dropped
     conversations: dict[str, int]  # per split, as packed
     conversations_by_source: dict[str, int]
     samples: dict[str, int]  # packed rows per split
@@ -171,6 +178,35 @@ def write_split(out: StageDir, split: str, convs: list[Encoded], width: int, pad
     return entries, counts
 
 
+def read_conversations(cfg: SftDataConfig, files: list, bad: common.BadRows, counts: Counter) -> list[tuple[str, list[dict]]]:
+    """(source label, messages) of every conversation that parses, trailing user turns dropped
+    (the augment stage reads them the same way, so its source keys match ours)."""
+    rows = common.counted(common.iter_rows(cfg, files, demo.sft_rows, "messages"), counts)
+    items: list[tuple[str, list[dict]]] = []
+    for row, messages in common.parse_rows(rows, parse_conversation, bad):
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        counts["trailing_turns_dropped"] += len(messages) - 1 - last
+        items.append((row.label, messages[: last + 1]))
+    return items
+
+
+def augmented_conversations(store, inputs: list[StageRef], train_keys: set[int], tok, width: int, counts: Counter) -> list[Encoded | None]:
+    """The augment stage's variants (when it is an input) of conversations that are in our train
+    split; a variant whose source went to val or was dropped is left out (counted)."""
+    refs = [ref for ref in inputs if ref.stage == AUGMENT_STAGE]
+    if not refs:
+        return []
+    items = []
+    for line in store.reader(refs[0]).read_bytes(AUGMENTED_FILE).decode().splitlines():
+        record = json.loads(line)
+        if record["source_key"] not in train_keys:
+            counts["augmented_source_not_in_train"] += 1
+            continue
+        items.append((f"augment:{record['method']}", record["messages"]))
+    counts["augmented_in"] += len(items)
+    return encode_conversations(items, tok, width, counts)
+
+
 def run_sft_data(cfg: SftDataConfig, inputs: list[StageRef], out: StageDir, compute: ComputeConfig = ComputeConfig()) -> SftDataStats:
     for s, source in enumerate(cfg.sources):
         if source.format in PREFERENCE_SHAPES:
@@ -179,18 +215,17 @@ def run_sft_data(cfg: SftDataConfig, inputs: list[StageRef], out: StageDir, comp
     bad = common.BadRows(cfg.on_bad_row, SECTION)
     counts: Counter = Counter()
     files = common.source_files(cfg, SECTION)
-    rows = common.counted(common.iter_rows(cfg, files, demo.sft_rows, "messages"), counts)
-    items: list[tuple[str, list[dict]]] = []
-    for row, messages in common.parse_rows(rows, parse_conversation, bad):
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        counts["trailing_turns_dropped"] += len(messages) - 1 - last
-        items.append((row.label, messages[: last + 1]))
+    items = read_conversations(cfg, files, bad, counts)
     width = cfg.seq_len + 1
     rendered = encode_conversations(items, tok, width, counts)
     kept = [(conv, messages) for conv, (_, messages) in zip(rendered, items) if conv is not None]
     encoded = [conv for conv, _ in kept]
-    is_val = common.val_flags([common.split_key(messages, cfg.seed) for _, messages in kept], cfg.val_fraction)
+    keys = [common.split_key(messages, cfg.seed) for _, messages in kept]
+    is_val = common.val_flags(keys, cfg.val_fraction)
     splits = {"train": [c for c, v in zip(encoded, is_val) if not v], "val": [c for c, v in zip(encoded, is_val) if v]}
+    train_keys = {k for k, v in zip(keys, is_val) if not v}
+    augmented = [conv for conv in augmented_conversations(out.store, inputs, train_keys, tok, width, counts) if conv is not None]
+    splits["train"] += augmented
     index = {**common.index_header("sft", cfg, tok), "packing": "reset_positions", "splits": {}}
     per_split = {}
     for split in SPLITS:
@@ -199,7 +234,7 @@ def run_sft_data(cfg: SftDataConfig, inputs: list[StageRef], out: StageDir, comp
     index["assistant_tokens"] = sum(c["assistant_tokens"] for c in per_split.values())
     out.write_json(INDEX_FILE, index)
     slots = sum(c["slots"] for c in per_split.values())
-    by_source = Counter(c.source for c in encoded)
+    by_source = Counter(c.source for c in encoded + augmented)
     if bad.counts:
         log.warning("sft_data skipped malformed rows: %s", dict(bad.counts))
     return SftDataStats(
@@ -210,6 +245,8 @@ def run_sft_data(cfg: SftDataConfig, inputs: list[StageRef], out: StageDir, comp
         trailing_turns_dropped=counts["trailing_turns_dropped"],
         too_long_truncated=counts["too_long_truncated"],
         too_long_dropped=counts["too_long_dropped"],
+        augmented_in=counts["augmented_in"],
+        augmented_source_not_in_train=counts["augmented_source_not_in_train"],
         conversations={s: c["conversations"] for s, c in per_split.items()},
         conversations_by_source=dict(sorted(by_source.items())),
         samples={s: c["samples"] for s, c in per_split.items()},
