@@ -85,6 +85,12 @@ class ModelConfig(Section):
     moe_expert_hidden: int = Field(0, ge=0, description="hidden width of one expert; 0: ffn_hidden / (moe_top_k + moe_shared_experts)")
     moe_aux_weight: float = Field(0.01, ge=0, description="weight of the load-balancing loss added to the LM loss")
     moe_z_loss_weight: float = added_later(0.0, ge=0, description="weight of the router z-loss (mean squared logsumexp of router logits, ST-MoE; 1e-3 is usual); 0: off")
+    # issue 20 (model/lsh_attention.py, model/sharing.py); added_later: at their defaults they leave versions as they were
+    attention: Literal["dense", "lsh"] = added_later("dense", description="dense: SDPA over every earlier token; lsh: Reformer LSH attention (shared QK, hashed buckets, chunks)")
+    lsh_n_hashes: int = added_later(2, ge=1, description="lsh: hashing rounds, combined by their logsumexp (more rounds miss fewer neighbours, cost more)")
+    lsh_bucket_size: int = added_later(64, ge=2, description="lsh: chunk length; a query sees its sorted chunk and the previous one (one chunk = dense)")
+    lsh_seed: int = added_later(0, description="lsh: seed of the random rotations (fixed per layer, so buckets are reproducible)")
+    share_layers: int = added_later(1, ge=1, description="ALBERT-style sharing: each group of this many consecutive layers uses one block's weights; 1: off")
 
     @model_validator(mode="after")
     def _check_shape(self) -> "ModelConfig":
@@ -96,6 +102,8 @@ class ModelConfig(Section):
             raise ValueError(f"model.n_heads {self.n_heads} is not a multiple of model.n_kv_heads {self.n_kv_heads}")
         if self.moe_experts and self.moe_top_k > self.moe_experts:
             raise ValueError(f"model.moe_top_k {self.moe_top_k} exceeds model.moe_experts {self.moe_experts}")
+        if self.share_layers > self.n_layers:
+            raise ValueError(f"model.share_layers {self.share_layers} exceeds model.n_layers {self.n_layers}")
         if self.moe_z_loss_weight and not self.moe_aux_weight:
             # the trainer scales the model's router loss by moe_aux_weight; z rides in it (model/moe.py)
             raise ValueError("model.moe_z_loss_weight needs model.moe_aux_weight > 0 (set a small one, e.g. 1e-4, or turn the z-loss off)")

@@ -10,9 +10,10 @@ fields (the run loop); the stages in tasks/train/ copy them into the job file.
 """
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+import re
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from lmfoundry.infra.config_base import Section, execution
 
@@ -32,7 +33,9 @@ class TrainRecipe(Section):
         backend: Literal["gloo", "nccl"] = Field("gloo", description="collective backend: gloo on CPU, nccl on GPUs")
         zero_stage: int = Field(1, ge=0, le=3, description="ZeRO stage: 0 off, 1 optimizer state, 2 + gradients, 3 + parameters")
         offload_optimizer: bool = Field(False, description="keep optimizer state on CPU (DeepSpeedCPUAdam, JIT-built once)")
-        activation_checkpointing: bool = Field(False, description="recompute each block's activations in backward to save memory")
+        activation_checkpointing: bool | str = Field(
+            False, description="recompute activations in backward to save memory (model/checkpointing.py): off | all | every:K (blocks 0, K, 2K..) | attention; true = all"
+        )
         micro_batch_size: int = Field(0, ge=0, description="samples per rank per forward; 0: the whole per-rank batch (no accumulation)")
         cpu_threads: int = Field(
             1, ge=0, description="torch threads per CPU rank (OMP_NUM_THREADS); 0: cores / procs. Small models train fastest on 1, and threads spin against other busy processes"
@@ -42,6 +45,16 @@ class TrainRecipe(Section):
         work_dir: str | None = Field(None, description="local scratch for checkpoints before upload; None: a temporary directory")
         keep_checkpoints: int = Field(1, ge=1, description="committed checkpoints kept in the stage (older ones are removed)")
         timeout_s: float = Field(0, ge=0, description="fail the training after this long (0: no limit)")
+
+        @field_validator("activation_checkpointing", mode="before")
+        @classmethod
+        def _check_checkpointing(cls, value: Any) -> Any:
+            # the policy itself is read by model/checkpointing.py; here only its spelling is checked
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            if isinstance(value, str) and not re.fullmatch(r"off|all|attention|every:[1-9][0-9]*", value):
+                raise ValueError(f"distributed.activation_checkpointing {value!r} is not one of: off, all, every:K (K >= 1), attention (or true / false)")
+            return value
 
     class Stability(Section):
         """Spike detection (model/stability.py): loss and grad norm against a rolling mean + k sigma."""

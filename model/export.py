@@ -22,6 +22,7 @@ import torch
 
 from lmfoundry.infra.config import ModelConfig
 from lmfoundry.model.chat import CHAT_SPECIALS, chat_template
+from lmfoundry.model.sharing import unrolled_state_dict
 from lmfoundry.model.transformer import CONFIG, WEIGHTS
 
 
@@ -38,6 +39,16 @@ def hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
         else:
             out[f"model.{key}"] = tensor
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def check_attention(cfg: ModelConfig, model_dir: Path) -> None:
+    """Llama attends densely: an LSH-attention model (model.attention: lsh) would export with
+    the wrong attention, so it is refused."""
+    if cfg.attention != "dense":
+        raise ExportError(
+            f"{model_dir} was trained with model.attention '{cfg.attention}': Llama has only dense attention, so its logits would differ; "
+            "load it with lmfoundry.model.transformer.load_model, or train with model.attention: dense to export"
+        )
 
 
 # The export writes transformers 5.x keys (rope_parameters, the tokenizer's format): a 4.x
@@ -100,9 +111,10 @@ def export_llama(
     cfg = ModelConfig.model_validate_json((model_dir / CONFIG).read_text())
     if cfg.moe_experts:
         raise ExportError(f"{model_dir} holds a mixture-of-experts model: LlamaForCausalLM is dense; load it with lmfoundry.model.transformer.load_model")
+    check_attention(cfg, model_dir)
     special_ids = dict(special_ids or {})
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = load_file(str(model_dir / WEIGHTS))
+    state = unrolled_state_dict(load_file(str(model_dir / WEIGHTS)), cfg)  # model.share_layers: copied into every layer
     save_file(hf_state_dict(state, cfg), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     config = llama_config(cfg, max_seq_len, special_ids)
     config.save_pretrained(out_dir)
@@ -143,13 +155,14 @@ def export_reward_model(
     cfg = ModelConfig.model_validate_json((model_dir / CONFIG).read_text())
     if cfg.moe_experts:
         raise ExportError(f"{model_dir} holds a mixture-of-experts model: LlamaForSequenceClassification is dense; load it with lmfoundry.model.heads.load_reward_model")
+    check_attention(cfg, model_dir)
     if not (model_dir / REWARD_FILE).exists():
         raise ExportError(f"{model_dir} has no {REWARD_FILE}: not a reward model (export a policy with export_llama)")
     special_ids = dict(special_ids or {})
     if special_ids.get("pad") is None:
         raise ExportError("a reward model export needs the pad token id (special_ids['pad']): Hugging Face finds each row's last token by it")
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in load_file(str(model_dir / WEIGHTS)).items()}
+    state = {k: v.contiguous() for k, v in unrolled_state_dict(load_file(str(model_dir / WEIGHTS)), cfg).items()}
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     config = llama_config(cfg, max_seq_len, special_ids)
     # no output projection in a classifier: nothing to tie

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lmfoundry.infra.config import ModelConfig
+from lmfoundry.model.sharing import is_shared_copy, unique_state_dict
 from lmfoundry.model.transformer import CONFIG, WEIGHTS, Transformer
 
 REWARD_FILE = "reward.json"  # beside the weights: marks a reward model, holds the train-set reward mean / std
@@ -106,6 +107,7 @@ def save_reward_model(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, dir
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # a tied body has no separate lm_head; an untied one was deleted: either way none is saved
+    state_dict = unique_state_dict(state_dict, cfg)  # shared layers (model.share_layers): once
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if not k.startswith("model.lm_head.")}
     save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
     (directory / CONFIG).write_text(json.dumps(cfg.model_dump(mode="json"), indent=2, sort_keys=True))
@@ -126,6 +128,7 @@ def load_reward_model(directory: str | Path, dtype: torch.dtype = torch.float32,
     if cfg.tie_embeddings:
         state["model.lm_head.weight"] = state["model.embed_tokens.weight"]
     missing, unexpected = rm.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not is_shared_copy(k, cfg)]  # filled by sharing
     if missing or unexpected:
         raise ValueError(f"{directory / WEIGHTS} does not match a reward model of model_config.json: missing {missing}, unexpected {unexpected}")
     return rm.to(dtype)

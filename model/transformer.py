@@ -36,10 +36,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from lmfoundry.infra.config import ModelConfig
+from lmfoundry.model.checkpointing import OFF, checkpointed, parse_policy, run_block
+from lmfoundry.model.lsh_attention import LSHAttention
 from lmfoundry.model.moe import MoE
+from lmfoundry.model.sharing import is_shared_copy, shared_layers, unique_state_dict
 
 
 def resolve(cfg: ModelConfig, vocab_size: int | None = None) -> ModelConfig:
@@ -135,10 +137,10 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_index: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = LSHAttention(cfg, layer_index) if cfg.attention == "lsh" else Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if cfg.moe_experts:
             z_ratio = cfg.moe_z_loss_weight / cfg.moe_aux_weight if cfg.moe_z_loss_weight else 0.0  # the trainer scales aux by moe_aux_weight
@@ -147,9 +149,13 @@ class Block(nn.Module):
             self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None, cache: "LayerCache | None" = None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None, cache: "LayerCache | None" = None,
+        checkpoint_attention: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)  # [B, T, D]
+        if checkpoint_attention:  # model/checkpointing.py "attention": norm + attention recomputed in backward
+            x = x + checkpointed(lambda h: self.self_attn(self.input_layernorm(h), cos, sin, mask), x)
+        else:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)  # [B, T, D]
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             out, aux = self.mlp(h)
@@ -165,7 +171,7 @@ class Transformer(nn.Module):
             raise ValueError("build the model from resolve(cfg, vocab_size), which fills vocab_size and ffn_hidden")
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = shared_layers(cfg, lambda i: Block(cfg, i))  # model.share_layers: repeats of one block
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -219,14 +225,13 @@ class Transformer(nn.Module):
             cos, sin = rope_tables(T, head_dim, self.cfg.rope_theta, x.device, x.dtype)  # [T, Dh]
         else:
             cos, sin = rope_at(positions, head_dim, self.cfg.rope_theta, x.dtype)  # [B, 1, T, Dh]
-        mask = None if segments is None else block_causal_mask(segments)  # [B, 1, T, T]
+        # lsh attention takes the segment ids [B, T] themselves: a dense [B, 1, T, T] mask would defeat it
+        mask = None if segments is None else segments if self.cfg.attention == "lsh" else block_causal_mask(segments)
         aux_total = x.new_zeros((), dtype=torch.float32)
         self.activation_stats = []
-        for layer in self.layers:
-            if self.activation_checkpointing and self.training:
-                x, aux = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
-            else:
-                x, aux = layer(x, cos, sin, mask)
+        policy = parse_policy(self.activation_checkpointing) if self.training else OFF  # model/checkpointing.py
+        for index, layer in enumerate(self.layers):
+            x, aux = run_block(policy, index, layer, x, cos, sin, mask)
             aux_total = aux_total + aux
             if self.record_activations:
                 detached = x.detach().float()
@@ -260,7 +265,7 @@ class Transformer(nn.Module):
         """Weights one token multiplies through in a forward pass: every linear layer, the output
         projection (even when tied), only top_k of the routed experts; not the embedding lookup."""
         total = 0
-        for name, module in self.named_modules():
+        for name, module in self.named_modules(remove_duplicate=False):  # a shared layer counts per application
             if isinstance(module, nn.Linear):
                 total += module.weight.numel()
         if self.cfg.moe_experts:
@@ -340,6 +345,7 @@ def save_model(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, directory:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # safetensors refuses shared storage: a tied lm_head is rebuilt from the embedding on load
+    state_dict = unique_state_dict(state_dict, cfg)  # shared layers: once, under their group's first layer
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
     save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
     (directory / CONFIG).write_text(json.dumps(cfg.model_dump(mode="json"), indent=2, sort_keys=True))
@@ -353,7 +359,7 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> Tra
     cfg = ModelConfig.model_validate_json((directory / CONFIG).read_text())
     model = Transformer(cfg)
     missing, unexpected = model.load_state_dict(load_file(str(directory / WEIGHTS)), strict=False)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight") and not is_shared_copy(k, cfg)]
     if missing or unexpected:
         raise ValueError(f"{directory / WEIGHTS} does not match model_config.json: missing {missing}, unexpected {unexpected}")
     return model.to(dtype)
