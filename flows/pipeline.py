@@ -21,18 +21,24 @@ STAGES: list[StageSpec] = [
     StageSpec("train_quality_classifier", TASKS + "filter.quality:run_train_quality_classifier", section="quality", unused=("threshold", "keep_top_fraction"), inputs=("heuristic_filter",)),
     StageSpec("quality_filter", TASKS + "filter.quality:run_quality_filter", section="quality", inputs=("heuristic_filter", "train_quality_classifier")),
     StageSpec("pii_scrub", TASKS + "pii.scrub:run_pii_scrub", section="pii", inputs=("quality_filter",)),
-    StageSpec("train_tokenizer", TASKS + "tokens.train_tokenizer:run_train_tokenizer", section="tokenizer", inputs=("pii_scrub",)),
-    StageSpec("tokenize", TASKS + "tokens.tokenize:run_tokenize", section="tokenize", inputs=("pii_scrub", "train_tokenizer")),
+    # expert review of documents (issue 21, off by default: both pass pii_scrub through; tasks/review/)
+    StageSpec("annotate_docs", TASKS + "review.stages:run_annotate_docs", section="review_docs", inputs=("pii_scrub",)),
+    StageSpec("review_docs", TASKS + "review.stages:run_review_docs", section="review_docs", inputs=("pii_scrub", "annotate_docs")),
+    StageSpec("train_tokenizer", TASKS + "tokens.train_tokenizer:run_train_tokenizer", section="tokenizer", inputs=("review_docs",)),
+    StageSpec("tokenize", TASKS + "tokens.tokenize:run_tokenize", section="tokenize", inputs=("review_docs", "train_tokenizer")),
     # off by default; when on, its variants of the train conversations join sft_data's train split
     StageSpec("augment", TASKS + "chat.augment:run_augment", section=("augment", "sft_data")),
     StageSpec("sft_data", TASKS + "chat.sft_data:run_sft_data", section="sft_data", inputs=("train_tokenizer", "augment")),
     StageSpec("preference_data", TASKS + "chat.preference_data:run_preference_data", section="preference_data", inputs=("train_tokenizer",)),
+    # expert review of preference pairs (issue 21, off by default: both pass preference_data through)
+    StageSpec("annotate_pairs", TASKS + "review.stages:run_annotate_pairs", section="review_pairs", inputs=("preference_data", "train_tokenizer")),
+    StageSpec("review_pairs", TASKS + "review.stages:run_review_pairs", section="review_pairs", inputs=("preference_data", "annotate_pairs")),
     StageSpec("pretrain", TASKS + "train.pretrain:run_pretrain", section=("model", "pretrain"), inputs=("tokenize", "train_tokenizer"), gpu=True),
     StageSpec("sft", TASKS + "train.sft:run_sft", section=("model", "sft"), inputs=("sft_data", "pretrain", "train_tokenizer"), gpu=True),
-    StageSpec("reward_model", TASKS + "train.reward_model:run_reward_model", section="reward_model", inputs=("preference_data", "sft"), gpu=True),
-    StageSpec("dpo", TASKS + "train.dpo:run_dpo", section="dpo", inputs=("preference_data", "sft", "train_tokenizer"), gpu=True),
+    StageSpec("reward_model", TASKS + "train.reward_model:run_reward_model", section="reward_model", inputs=("review_pairs", "sft"), gpu=True),
+    StageSpec("dpo", TASKS + "train.dpo:run_dpo", section="dpo", inputs=("review_pairs", "sft", "train_tokenizer"), gpu=True),
     # ppo runs its own rollout loop: the recipe's spike monitor (stability) does not apply to it
-    StageSpec("ppo", TASKS + "train.ppo:run_ppo", section="ppo", inputs=("preference_data", "sft", "reward_model", "train_tokenizer"), unused=("stability",), gpu=True),
+    StageSpec("ppo", TASKS + "train.ppo:run_ppo", section="ppo", inputs=("review_pairs", "sft", "reward_model", "train_tokenizer"), unused=("stability",), gpu=True),
 ]
 
 STAGE_NAMES = [spec.name for spec in STAGES]

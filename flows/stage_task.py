@@ -28,6 +28,7 @@ from prefect.context import get_run_context
 
 from lmfoundry.flows.params import Rerun
 from lmfoundry.flows.pipeline import STAGES, stage, stages_until
+from lmfoundry.flows.review import GATES as REVIEW_GATES, review_gate
 from lmfoundry.flows.summary import StagesResult, model_location, print_summary, summary_table  # noqa: F401  (re-exported)
 from lmfoundry.infra import report
 from lmfoundry.infra.config import ComputeConfig, PipelineConfig
@@ -190,6 +191,8 @@ def run_stages(
             result.refs[spec.name] = result.refs.get(spec.inputs[0]) if spec.inputs else None
             result.actions[spec.name] = "disabled"
         else:
+            if spec.name in REVIEW_GATES:  # pauses the flow for a reviewer when needed (flows/review.py)
+                review_gate(store, spec, config, inputs, salt=salt if spec.name in forced else "")
             started = time.monotonic()
             outcome = stage_task.with_options(name=spec.name)(spec.name, config, inputs, salt=salt if spec.name in forced else "")
             result.seconds[spec.name] = time.monotonic() - started

@@ -10,6 +10,7 @@
     lmf report [--config F] [--snapshot LABEL] [--out report.html]
     lmf generate --model STAGE|DIR --prompt TEXT [--raw] [--temperature T] [--seed S]   (lmfoundry/talk.py)
     lmf chat --model STAGE|DIR [--system TEXT]
+    lmf review export|import|show review_docs|review_pairs ...   (lmfoundry/review_cli.py: Label Studio)
 
 Exit codes: 0 ok, 1 a stage failed (or `lmf verify` found damage), 2 invalid config or input named in the message.
 """
@@ -305,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     from lmfoundry import talk
 
     talk.add_commands(sub, _add_config_args)  # generate, chat
+    from lmfoundry import review_cli
+
+    review_cli.add_commands(sub, _add_config_args)  # review export / import / show (Label Studio)
     args = parser.parse_args(argv)
 
     from lmfoundry.infra.config import ConfigError
