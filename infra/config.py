@@ -71,6 +71,10 @@ class ModelConfig(Section):
     """Issue 8: decoder-only transformer shape (model/transformer.py); MoE when moe_experts > 0."""
 
     vocab_size: int = Field(0, ge=0, description="0: the tokenizer's vocabulary size, read from the token shards")
+    pad_vocab_to: int = added_later(
+        1, ge=1, description="round the embedding and output rows up to a multiple of this (128 suits GPU matmuls); the extra rows are never sampled or exported"
+    )
+    token_vocab_size: int = added_later(0, ge=0, description="filled by resolve(): the tokenizer's own size when vocab_size was padded; 0: vocab_size")
     d_model: int = Field(128, ge=8, description="residual stream width")
     n_layers: int = Field(2, ge=1)
     n_heads: int = Field(4, ge=1, description="query heads; head_dim = d_model / n_heads")

@@ -7,6 +7,10 @@
 Optimisation fields are identity; `distributed` (ranks, launcher, ZeRO stage, device) only changes
 how the same global batch is computed, so it is an execution knob. model/train.py reads these
 fields (the run loop); the stages in tasks/train/ copy them into the job file.
+
+Left unset, `precision`, `distributed.backend` and `distributed.compile` follow
+`distributed.accelerator` (defaults_for): cuda gets bf16, nccl and compiled blocks; cpu keeps
+fp32, gloo and eager, so an unchanged CPU config keeps its stage versions.
 """
 from __future__ import annotations
 
@@ -16,6 +20,14 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from lmfoundry.infra.config_base import Section, execution
+
+
+def defaults_for(accelerator: str) -> dict[str, Any]:
+    """What a training section's unset fields resolve to on this accelerator: on cuda the fast
+    path (bf16, nccl, compiled blocks), on cpu what runs everywhere (fp32, gloo, eager)."""
+    if accelerator == "cuda":
+        return {"precision": "bf16", "backend": "nccl", "compile": True}
+    return {"precision": "fp32", "backend": "gloo", "compile": False}
 
 
 class TrainRecipe(Section):
@@ -30,7 +42,7 @@ class TrainRecipe(Section):
         procs: int = Field(1, ge=1, description="ranks per node (GPUs per node, or CPU processes)")
         hostfile: str | None = Field(None, description="DeepSpeed hostfile for several nodes (then work_dir must be shared)")
         accelerator: Literal["cpu", "cuda"] = Field("cpu", description="device of each rank (DS_ACCELERATOR)")
-        backend: Literal["gloo", "nccl"] = Field("gloo", description="collective backend: gloo on CPU, nccl on GPUs")
+        backend: Literal["gloo", "nccl"] = Field("gloo", description="collective backend; unset: nccl on cuda, gloo on cpu (cuda with gloo is refused)")
         zero_stage: int = Field(1, ge=0, le=3, description="ZeRO stage: 0 off, 1 optimizer state, 2 + gradients, 3 + parameters")
         offload_optimizer: bool = Field(False, description="keep optimizer state on CPU (DeepSpeedCPUAdam, JIT-built once)")
         activation_checkpointing: bool | str = Field(
@@ -40,11 +52,50 @@ class TrainRecipe(Section):
         cpu_threads: int = Field(
             1, ge=0, description="torch threads per CPU rank (OMP_NUM_THREADS); 0: cores / procs. Small models train fastest on 1, and threads spin against other busy processes"
         )
-        peak_tflops: float = Field(1.0, gt=0, description="peak dense TFLOP/s of one device, the denominator of MFU (H100 bf16: 989)")
+        peak_tflops: float = Field(
+            0.0, ge=0, description="peak dense bf16 TFLOP/s of one device, the denominator of MFU; 0: from the device name (model/accel.py; CPU: a nominal 1.0)"
+        )
+        compile: bool = Field(False, description="torch.compile each Transformer block (model/accel.py; ppo runs eager); unset: on for cuda, off for cpu")
+        attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math", "fa3"] = Field(
+            "auto", description="attention kernel (ppo: always auto): auto lets SDPA choose; flash/cudnn/efficient/math force one SDPA backend; fa3 needs flash_attn_interface"
+        )
         master_port: int = Field(0, ge=0, description="rendezvous port; 0: a free one")
         work_dir: str | None = Field(None, description="local scratch for checkpoints before upload; None: a temporary directory")
         keep_checkpoints: int = Field(1, ge=1, description="committed checkpoints kept in the stage (older ones are removed)")
         timeout_s: float = Field(0, ge=0, description="fail the training after this long (0: no limit)")
+
+        @model_validator(mode="before")
+        @classmethod
+        def _accelerator_defaults(cls, data: Any) -> Any:
+            # fields the user left out take the accelerator's defaults (defaults_for): bf16-ready nccl
+            # and compiled blocks on cuda, gloo and eager on cpu
+            if isinstance(data, dict):
+                fill = {k: v for k, v in defaults_for(data.get("accelerator", "cpu")).items() if k in ("backend", "compile")}
+                data = {**fill, **{k: v for k, v in data.items() if v is not None or k not in fill}}
+            return data
+
+        @model_validator(mode="after")
+        def _check_backend(self) -> "TrainRecipe.Distributed":
+            if self.accelerator == "cuda" and self.backend == "gloo":
+                raise ValueError(
+                    "distributed.accelerator is cuda but distributed.backend is gloo: gloo cannot reduce GPU tensors fast "
+                    "(and DeepSpeed's GPU paths expect nccl); set distributed.backend: nccl, or leave it out (nccl is the cuda default)"
+                )
+            return self
+
+        @field_validator("activation_checkpointing", mode="before")
+        @classmethod
+        def _check_checkpointing(cls, value: Any) -> Any:
+            # the policy itself is read by model/checkpointing.py; here only its spelling is checked
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            if isinstance(value, str) and not re.fullmatch(r"off|all|attention|every:[1-9][0-9]*", value):
+                raise ValueError(f"distributed.activation_checkpointing {value!r} is not one of: off, all, every:K (K >= 1), attention (or true / false)")
+            return value
+
+        @model_validator(mode="after")
+        def _check_parallel_layout(self) -> "TrainRecipe.Distributed":
+            return self
 
         @field_validator("activation_checkpointing", mode="before")
         @classmethod
@@ -86,7 +137,7 @@ class TrainRecipe(Section):
     betas: tuple[float, float] = (0.9, 0.95)
     adam_eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0, description="global gradient norm clip (0: off)")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp16 uses dynamic loss scaling")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="unset: bf16 on cuda, fp32 on cpu (defaults_for); fp16 uses dynamic loss scaling")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing (seed: 0.1)")
     seed: int = Field(0, description="initialisation and data order")
     export_hf: bool = Field(True, description="write a Hugging Face export: LlamaForCausalLM, or LlamaForSequenceClassification for the reward model (dense models only)")
@@ -96,6 +147,17 @@ class TrainRecipe(Section):
     checkpoint_every: int = execution(100, ge=1, description="steps between committed checkpoints (and one at the end)")
     distributed: Distributed = execution(Distributed())
     stability: Stability = Field(Stability(), description="spike detection and what happens on a spike")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _precision_default(cls, data: Any) -> Any:
+        # an unset precision follows the accelerator; it is an identity field, and on cpu it
+        # resolves to the old default fp32, so an unchanged CPU config keeps its versions
+        if isinstance(data, dict) and data.get("precision") is None:
+            dist = data.get("distributed") or {}
+            accelerator = dist.get("accelerator", "cpu") if isinstance(dist, dict) else getattr(dist, "accelerator", "cpu")
+            data = {**data, "precision": defaults_for(accelerator)["precision"]}
+        return data
 
     @model_validator(mode="after")
     def _check_schedule(self) -> "TrainRecipe":

@@ -23,7 +23,7 @@ import torch
 from lmfoundry.infra.config import ModelConfig
 from lmfoundry.model.chat import CHAT_SPECIALS, chat_template
 from lmfoundry.model.sharing import unrolled_state_dict
-from lmfoundry.model.transformer import CONFIG, WEIGHTS
+from lmfoundry.model.transformer import CONFIG, WEIGHTS, token_vocab
 
 
 class ExportError(ValueError):
@@ -32,7 +32,10 @@ class ExportError(ValueError):
 
 def hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     out = {}
+    vocab = token_vocab(cfg)
     for key, tensor in state_dict.items():
+        if key in ("embed_tokens.weight", "lm_head.weight"):
+            tensor = tensor[:vocab]  # a padded vocabulary (model.pad_vocab_to) exports only the tokenizer's rows
         if key == "lm_head.weight":
             if not cfg.tie_embeddings:
                 out[key] = tensor
@@ -74,7 +77,7 @@ def llama_config(cfg: ModelConfig, max_seq_len: int, special_ids: dict[str, int]
     check_transformers()
 
     return LlamaConfig(
-        vocab_size=cfg.vocab_size,
+        vocab_size=token_vocab(cfg),
         hidden_size=cfg.d_model,
         intermediate_size=cfg.ffn_hidden,
         num_hidden_layers=cfg.n_layers,
@@ -162,7 +165,8 @@ def export_reward_model(
     if special_ids.get("pad") is None:
         raise ExportError("a reward model export needs the pad token id (special_ids['pad']): Hugging Face finds each row's last token by it")
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in unrolled_state_dict(load_file(str(model_dir / WEIGHTS)), cfg).items()}
+    vocab = token_vocab(cfg)  # a padded vocabulary exports only the tokenizer's rows
+    state = {k: (v[:vocab] if k == "model.embed_tokens.weight" else v).contiguous() for k, v in unrolled_state_dict(load_file(str(model_dir / WEIGHTS)), cfg).items()}
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     config = llama_config(cfg, max_seq_len, special_ids)
     # no output projection in a classifier: nothing to tie

@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from lmfoundry.model.transformer import KVCache, Transformer
+from lmfoundry.model.transformer import KVCache, Transformer, token_vocab
 
 PAD_SEGMENT, TEXT_SEGMENT = 0, 1
 
@@ -175,12 +175,14 @@ def generate(
     cache = KVCache(model.cfg, B, P + max_new_tokens, device, param.dtype) if use_cache else None
     tokens, seq_positions, seq_segments = prompt, positions, segments  # what the uncached path re-reads
 
+    vocab = token_vocab(model.cfg)
+
     def last_logits(new, new_positions, new_segments) -> torch.Tensor:  # [B, V] float32 of the last slot
         if cache is not None:
             hidden, _ = model.hidden_states(new, new_positions, new_segments, cache)
         else:
             hidden, _ = model.hidden_states(tokens, seq_positions, seq_segments)
-        return model.lm_head(hidden[:, -1]).float()
+        return model.lm_head(hidden[:, -1])[:, :vocab].float()  # padding rows of the vocabulary are never tokens
 
     response = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     response_mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)

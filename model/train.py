@@ -51,6 +51,7 @@ from lmfoundry.infra import faults
 from lmfoundry.infra.config import ModelConfig
 from lmfoundry.infra.config_train import TrainRecipe
 from lmfoundry.infra.store import StageRef, Store
+from lmfoundry.model.accel import FLOP_CONVENTION_SHORT as MFU_FLOPS, describe as describe_fast_path, fast_path
 from lmfoundry.model.objectives import OBJECTIVES
 from lmfoundry.model.stability import Spike, StabilityMonitor
 from lmfoundry.model.engine import batch_split, build_engine, lr_at, micro_steps
@@ -87,6 +88,10 @@ class DivergenceError(RuntimeError):
 
 
 # ---------------------------------------------------------------------- pure pieces
+
+
+def percent(value: float | None) -> str:
+    return "n/a (unknown peak)" if value is None else f"{value:.2%}"
 
 
 def step_tag(step: int) -> str:
@@ -155,6 +160,10 @@ class Trainer:
         model = self.objective.build_model()
         self.model_cfg = self.objective.model_cfg
         model.activation_checkpointing = self.cfg.distributed.activation_checkpointing
+        # the fast path on this device (model/accel.py): TF32, attention kernel, compiled blocks, MFU
+        # peak; the attention context stays open for the rank's life
+        self.kernels, self.fast = fast_path(model, self.model_cfg, self.cfg.distributed, self.cfg.precision, self.device)
+        self.log(describe_fast_path(self.fast))
         self.flops_per_token = model.flops_per_token(self.seq_len)
         self.n_params = model.num_parameters()
         self.engine = build_engine(model, self.cfg, self.world, self.section)
@@ -169,6 +178,8 @@ class Trainer:
         self.metrics_path = self.work / METRICS
         if self.rank == 0:
             keep_metrics_until(self.metrics_path, self.step)
+        # the whole-run clock (tokens_per_s_wall): from here, evaluation and checkpoints included
+        self.clock_start, self.clock_tokens = time.perf_counter(), self.tokens_seen
 
     # ------------------------------------------------------------------ checkpoints
     def resume(self, tag: str) -> None:
@@ -211,6 +222,14 @@ class Trainer:
     def log(self, text: str) -> None:
         if self.rank == 0:
             print(f"[{self.section}] {text}", flush=True)
+
+    def throughput(self, tokens_per_s: float) -> dict[str, Any]:
+        """Interval tokens/s and its MFU, tokens per wall-clock second of the whole run (evaluation
+        and checkpoints included) and its MFU, and the FLOP convention both MFUs use."""
+        wall = (self.tokens_seen - self.clock_tokens) / max(time.perf_counter() - self.clock_start, 1e-9)
+        peak = self.fast["peak_tflops"]
+        mfu = (lambda rate: self.flops_per_token * rate / (peak * 1e12 * self.world)) if peak else (lambda rate: None)
+        return {"tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s), "tokens_per_s_wall": wall, "mfu_wall": mfu(wall), "mfu_flops": MFU_FLOPS}
 
     def write_metrics(self, record: dict[str, Any]) -> None:
         if self.rank == 0:
@@ -294,8 +313,7 @@ class Trainer:
                     **last,
                     "lr": lr,
                     "tokens": self.tokens_seen,
-                    "tokens_per_s": tokens_per_s,
-                    "mfu": self.flops_per_token * tokens_per_s / (cfg.distributed.peak_tflops * 1e12 * self.world),
+                    **self.throughput(tokens_per_s),
                     "activations": [{"mean": m.item(), "std": s.item()} for m, s in self.engine.module.activation_stats],
                 }
                 if self.model_cfg.moe_experts:
@@ -304,7 +322,7 @@ class Trainer:
                 extra = "".join(f" {name} {last[name]:.3f}" for name in ("accuracy", "margin") if name in last)
                 self.log(
                     f"step {self.step}/{cfg.steps} loss {last['loss']:.4f}{extra} lr {lr:.2e} grad_norm {record['grad_norm'] or 0:.3f} "
-                    f"tokens/s {tokens_per_s:,.0f} mfu {record['mfu']:.2%}"
+                    f"tokens/s {tokens_per_s:,.0f} (whole run {record['tokens_per_s_wall']:,.0f}) mfu {percent(record['mfu'])}"
                 )
                 interval_start, interval_tokens = time.perf_counter(), 0
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
@@ -376,6 +394,8 @@ class Trainer:
                 "world_size": self.world,
                 "vocab_size": self.model_cfg.vocab_size,
                 "tokens": self.tokens_seen,
+                **{k: v for k, v in self.throughput(0.0).items() if k in ("tokens_per_s_wall", "mfu_wall", "mfu_flops")},
+                "fast_path": self.fast,  # device, precision, tf32, attention, compiled blocks, peak and its source, FLOP convention
                 **extra,
             }
             write_json_atomic(self.work / DONE, summary)

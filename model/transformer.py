@@ -45,13 +45,24 @@ from lmfoundry.model.sharing import is_shared_copy, shared_layers, unique_state_
 
 
 def resolve(cfg: ModelConfig, vocab_size: int | None = None) -> ModelConfig:
-    """Fill the fields that default from data or other fields (vocab, ffn_hidden, expert width)."""
+    """Fill the fields that default from data or other fields (vocab, ffn_hidden, expert width).
+
+    With ``pad_vocab_to`` > 1 the vocabulary rows round up to its multiple and
+    ``token_vocab_size`` keeps the tokenizer's own size (generation and export use only those rows)."""
     vocab = cfg.vocab_size or vocab_size
     if not vocab:
         raise ValueError("model.vocab_size is 0 and no vocabulary size was given by the token shards")
+    real = cfg.token_vocab_size or vocab
+    padded = cfg.pad_vocab_to * math.ceil(vocab / cfg.pad_vocab_to)
     ffn = cfg.ffn_hidden or 64 * math.ceil(8 * cfg.d_model / 3 / 64)
     expert = cfg.moe_expert_hidden or max(8, ffn // (cfg.moe_top_k + cfg.moe_shared_experts))
-    return cfg.model_copy(update={"vocab_size": vocab, "ffn_hidden": ffn, "moe_expert_hidden": expert if cfg.moe_experts else 0})
+    update = {"vocab_size": padded, "token_vocab_size": real if real != padded else 0, "ffn_hidden": ffn}
+    return cfg.model_copy(update={**update, "moe_expert_hidden": expert if cfg.moe_experts else 0})
+
+
+def token_vocab(cfg: ModelConfig) -> int:
+    """The tokenizer's vocabulary size: vocab_size less the padding rows (never a real token)."""
+    return cfg.token_vocab_size or cfg.vocab_size
 
 
 class RMSNorm(nn.Module):
@@ -75,9 +86,9 @@ def rope_tables(seq_len: int, head_dim: int, theta: float, device, dtype) -> tup
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def rope_at(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, 1, T, Dh] for explicit positions [B, T] (the 1 broadcasts over heads)."""
-    cos, sin = rope_tables(int(positions.max()) + 1, head_dim, theta, positions.device, dtype)  # [P, Dh]
+def rope_at(positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tables cos, sin [P, Dh] at explicit positions [B, T] (each below P) -> [B, 1, T, Dh] (the 1
+    broadcasts over heads). Indexing a table built once needs no host sync on positions.max()."""
     return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
 
 
@@ -105,6 +116,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
+        # set by model/accel.py use_fa3: flash_attn_func(q, k, v [B, T, heads, Dh], causal=True) for unmasked rows
+        self.causal_kernel = None
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None, cache: "LayerCache | None" = None
@@ -116,6 +129,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # generation: keep these keys/values, attend over every filled slot
             k, v = cache.store(k, v)  # [B, K, S, Dh], S = filled slots + T
+        if self.causal_kernel is not None and mask is None and cache is None:  # FlashAttention 3 takes [B, T, heads, Dh]
+            out = self.causal_kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+            out = out[0] if isinstance(out, tuple) else out  # some releases also return the log-sum-exp
+            return self.o_proj(out.reshape(B, T, -1))
         # each group of H / K query heads shares one key/value head
         gqa = self.n_kv_heads != self.n_heads
         if mask is None:
@@ -177,6 +194,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.activation_checkpointing = False
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # rope(): tables by (length, device, dtype)
         self.record_activations = False  # set on logging steps: per-layer output mean/std
         self.activation_stats: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.reset_parameters()
@@ -220,11 +238,9 @@ class Transformer(nn.Module):
             return self._cached_hidden_states(tokens, positions, segments, cache)
         T = tokens.shape[1]
         x = self.embed_tokens(tokens)  # [B, T, D]
-        head_dim = self.cfg.d_model // self.cfg.n_heads
-        if positions is None:
-            cos, sin = rope_tables(T, head_dim, self.cfg.rope_theta, x.device, x.dtype)  # [T, Dh]
-        else:
-            cos, sin = rope_at(positions, head_dim, self.cfg.rope_theta, x.dtype)  # [B, 1, T, Dh]
+        cos, sin = self.rope(T, x.device, x.dtype)  # [T, Dh]
+        if positions is not None:  # packed or left-padded rows: positions count within the row, so each is below T
+            cos, sin = rope_at(positions, cos, sin)  # [B, 1, T, Dh]
         # lsh attention takes the segment ids [B, T] themselves: a dense [B, 1, T, T] mask would defeat it
         mask = None if segments is None else segments if self.cfg.attention == "lsh" else block_causal_mask(segments)
         aux_total = x.new_zeros((), dtype=torch.float32)
@@ -237,6 +253,18 @@ class Transformer(nn.Module):
                 detached = x.detach().float()
                 self.activation_stats.append((detached.mean(), detached.std()))
         return self.norm(x), aux_total / max(1, self.n_moe_layers)
+
+    def rope(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [length, Dh], built once per (length, device, dtype) and reused by every forward."""
+        tables = self._rope_cache.get((length, device, dtype))
+        if tables is None:
+            head_dim = self.cfg.d_model // self.cfg.n_heads
+            if torch.compiler.is_compiling():  # traced into a whole-model graph: it computes them on the device
+                return rope_tables(length, head_dim, self.cfg.rope_theta, device, dtype)
+            with torch.inference_mode(False):  # made during generation, they must still serve training's autograd
+                tables = rope_tables(length, head_dim, self.cfg.rope_theta, device, dtype)
+            self._rope_cache[(length, device, dtype)] = tables
+        return tables
 
     def _cached_hidden_states(self, tokens, positions, segments, cache: "KVCache") -> tuple[torch.Tensor, torch.Tensor]:
         """hidden_states() for tokens that follow the cache's filled slots; fills their slots."""

@@ -18,7 +18,7 @@ What happens (tasks/train/launch.py, shared by every training stage):
    (``hf/``): ``AutoModelForCausalLM.from_pretrained(<stage dir>/hf)``.
 
 Run alone: ``lmf run --until pretrain``; several CPU ranks: ``--set pretrain.distributed.procs=2``;
-GPUs: ``--set pretrain.distributed.accelerator=cuda --set pretrain.distributed.backend=nccl``.
+GPUs: ``--set pretrain.distributed.accelerator=cuda`` (bf16, nccl and compiled blocks follow).
 """
 from __future__ import annotations
 
@@ -80,7 +80,11 @@ class PretrainStats(BaseModel):
     val_ppl_vs_unigram: float | None  # val_ppl / unigram_val_ppl: below 1 means context is used
     first_val_ppl: float | None
     mean_tokens_per_s: float | None
-    mean_mfu: float | None
+    mean_mfu: float | None  # of the logging intervals; on CPU against a nominal 1 TFLOP/s (mfu_peak says)
+    tokens_per_s_wall: float | None = None  # the whole run: evaluation and checkpoints included
+    mfu_wall: float | None = None
+    mfu_peak: str | None = None  # where the peak came from (device table, configured, cpu nominal)
+    mfu_flops: str | None = None  # the FLOP convention of every MFU (model/accel.py FLOP_CONVENTION)
     train_seconds: float
     checkpoints_committed: int
     exported: str  # "hf" or why not
@@ -134,7 +138,7 @@ def finish(cfg: PretrainJob, out: StageDir, run: Training, tokenizer_ref: StageR
     val_rows = [r for r in records if r["kind"] == "val"]
     last_val = val_rows[-1] if val_rows else {}
     throughput = [r["tokens_per_s"] for r in train_rows]
-    mfu = [r["mfu"] for r in train_rows]
+    mfu = [r["mfu"] for r in train_rows if r.get("mfu") is not None]  # None: a GPU of unknown peak
     unigram = last_val.get("unigram_ppl")
     stride = max(1, len(train_rows) // 20)
     return PretrainStats(
@@ -154,6 +158,10 @@ def finish(cfg: PretrainJob, out: StageDir, run: Training, tokenizer_ref: StageR
         first_val_ppl=val_rows[0]["val_ppl"] if val_rows else None,
         mean_tokens_per_s=sum(throughput) / len(throughput) if throughput else None,
         mean_mfu=sum(mfu) / len(mfu) if mfu else None,
+        tokens_per_s_wall=summary.get("tokens_per_s_wall"),
+        mfu_wall=summary.get("mfu_wall"),
+        mfu_peak=(summary.get("fast_path") or {}).get("peak_source"),
+        mfu_flops=(summary.get("fast_path") or {}).get("flop_convention"),
         train_seconds=summary["seconds"],
         checkpoints_committed=run.checkpoints_committed,
         exported=exported,

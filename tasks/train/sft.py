@@ -17,7 +17,7 @@ Outputs: ``metrics.jsonl`` (train loss per step; held-out assistant-token ``val_
 
     AutoModelForCausalLM.from_pretrained("<stage dir>/hf"); AutoTokenizer.from_pretrained("<stage dir>/hf")
 
-Run alone: ``lmf run --until sft``; GPUs: ``--set sft.distributed.accelerator=cuda --set sft.distributed.backend=nccl``.
+Run alone: ``lmf run --until sft``; GPUs: ``--set sft.distributed.accelerator=cuda`` (bf16, nccl and compiled blocks follow).
 """
 from __future__ import annotations
 

@@ -99,6 +99,15 @@ def test_metrics_and_checkpoints_of_a_run(reference):
         tag = reference / "checkpoints" / f"step-{step:07d}"
         assert (tag / "COMPLETE.json").exists() and (tag / "rng_rank00000.pt").exists()
     assert (reference / "DONE.json").exists()
+    # the MFU's FLOP convention beside every number; the whole-run rate counts evaluation and
+    # checkpoint time the interval rates leave out, so it cannot exceed the fastest interval
+    done = json.loads((reference / "DONE.json").read_text())
+    assert all(r["mfu_flops"].startswith("6N + 12*L*T*d") and r["tokens_per_s_wall"] > 0 for r in steps)
+    assert 0 < done["tokens_per_s_wall"] < max(r["tokens_per_s"] for r in steps)
+    assert math.isclose(done["mfu_wall"], done["flops_per_token"] * done["tokens_per_s_wall"] / 1e12)  # cpu: nominal 1 TFLOP/s
+    fast = done["fast_path"]
+    assert (fast["peak_tflops"], fast["precision"], fast["tf32"], fast["compiled_blocks"]) == (1.0, "fp32", False, 0)
+    assert "nominal" in fast["peak_source"] and fast["attention"].startswith("auto") and "causal masking not halved" in fast["flop_convention"]
 
 
 def optimizer_lrs(checkpoint: Path) -> list[float]:
