@@ -63,6 +63,12 @@ class TrainRecipe(Section):
         work_dir: str | None = Field(None, description="local scratch for checkpoints before upload; None: a temporary directory")
         keep_checkpoints: int = Field(1, ge=1, description="committed checkpoints kept in the stage (older ones are removed)")
         timeout_s: float = Field(0, ge=0, description="fail the training after this long (0: no limit)")
+        collective_timeout_s: float = Field(
+            600.0, gt=0, description="a collective (all-reduce, barrier) waiting longer than this fails its rank with a clear error instead of hanging (process-group timeout; model/cluster.py)"
+        )
+        stall_timeout_s: float = Field(
+            1800.0, ge=0, description="the stage watchdog stops the run when its heartbeat and metrics do not advance for this long (infra/heartbeat.py); 0: off"
+        )
 
         @model_validator(mode="before")
         @classmethod

@@ -54,12 +54,14 @@ from pydantic import BaseModel
 
 from lmfoundry.infra import faults
 from lmfoundry.infra.config_posttrain import PpoConfig
+from lmfoundry.infra.heartbeat import beat
 from lmfoundry.model import ppo
 from lmfoundry.model.generate import GREEDY, Sampling, generate
 from lmfoundry.model.heads import ValueModel, load_reward_model, reward_stats
 from lmfoundry.model.rl import KLController
 from lmfoundry.model.train import COMPLETE, DONE, METRICS, DivergenceError, run_rank, keep_metrics_until, rng_state, set_rng_state, step_tag, write_json_atomic
 from lmfoundry.model.engine import build_engine, lr_at, micro_steps
+from lmfoundry.model.cluster import init_distributed
 from lmfoundry.model.transformer import load_model, save_model
 
 SECTION = "ppo"
@@ -102,14 +104,13 @@ class PpoTrainer:
     """The run; ``scorer`` replaces the reward model's score (a rule reward: tests, verifiable tasks)."""
 
     def __init__(self, job: PpoJob, scorer: ppo.Scorer | None = None):
-        import deepspeed
         import torch.distributed as dist
 
         self.job, self.cfg, self.dist = job, job.recipe, dist
         cfg = self.cfg
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        deepspeed.init_distributed(dist_backend=cfg.distributed.backend)
+        init_distributed(cfg.distributed)  # with distributed.collective_timeout_s
         self.world = dist.get_world_size()
         if cfg.distributed.accelerator == "cuda":
             torch.cuda.set_device(self.local_rank)
@@ -342,6 +343,8 @@ class PpoTrainer:
             metrics, rollout = self.step()
             self.iteration += 1
             k = self.iteration
+            if self.rank == 0:
+                beat(self.work, k)  # progress for the stage watchdog (infra/heartbeat.py)
             if k % cfg.log_every == 0 or k == cfg.steps:
                 self.append(self.metrics_path, {"kind": "train", "step": k, **metrics})
                 self.log(

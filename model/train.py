@@ -50,7 +50,9 @@ from pydantic import AliasChoices, BaseModel, Field
 from lmfoundry.infra import faults
 from lmfoundry.infra.config import ModelConfig
 from lmfoundry.infra.config_train import TrainRecipe
+from lmfoundry.infra.heartbeat import beat
 from lmfoundry.infra.store import StageRef, Store
+from lmfoundry.model.cluster import CollectiveTimeout, collective_errors, init_distributed
 from lmfoundry.model.accel import FLOP_CONVENTION_SHORT as MFU_FLOPS, describe as describe_fast_path, fast_path
 from lmfoundry.model.objectives import OBJECTIVES
 from lmfoundry.model.stability import Spike, StabilityMonitor
@@ -132,13 +134,12 @@ def keep_metrics_until(path: Path, step: int) -> None:
 
 class Trainer:
     def __init__(self, job: TrainJob):
-        import deepspeed
         import torch.distributed as dist
 
         self.job, self.cfg, self.dist, self.section = job, job.recipe, dist, job.section
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        deepspeed.init_distributed(dist_backend=self.cfg.distributed.backend)
+        init_distributed(self.cfg.distributed)  # with distributed.collective_timeout_s
         self.world = dist.get_world_size()
         if self.cfg.distributed.accelerator == "cuda":
             torch.cuda.set_device(self.local_rank)
@@ -215,6 +216,7 @@ class Trainer:
             marker = {"step": self.step, "loss": loss, "world_size": self.world, "zero_stage": self.cfg.distributed.zero_stage, "sample": client["loader"]["sample"]}
             write_json_atomic(self.checkpoints / tag / COMPLETE, marker)
             self.log(f"checkpoint {tag} saved")
+            self.heartbeat("checkpoint")
             faults.hit(self.section, "after_checkpoint", self.step)
         self.last_checkpoint = tag
 
@@ -222,6 +224,11 @@ class Trainer:
     def log(self, text: str) -> None:
         if self.rank == 0:
             print(f"[{self.section}] {text}", flush=True)
+
+    def heartbeat(self, phase: str) -> None:
+        """Progress for the stage watchdog (infra/heartbeat.py); rank 0 speaks for all (they move in lockstep)."""
+        if self.rank == 0:
+            beat(self.work, self.step, phase)
 
     def throughput(self, tokens_per_s: float) -> dict[str, Any]:
         """Interval tokens/s and its MFU, tokens per wall-clock second of the whole run (evaluation
@@ -299,6 +306,7 @@ class Trainer:
             lr = lr_at(self.step, cfg) * self.lr_scale
             last = self.train_step(record_activations=log_now)
             self.step += 1
+            self.heartbeat("train")
             spike = self.monitor.observe(self.step, last) if cfg.stability.enabled else None
             if spike is not None:
                 self.on_spike(spike)  # raises (stop) or rolls back to the protected checkpoint
@@ -329,6 +337,7 @@ class Trainer:
                 val = self.evaluate()
                 self.write_metrics({"kind": "val", "step": self.step, **val})
                 self.log(f"step {self.step} " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in val.items()))
+                self.heartbeat("eval")
                 interval_start = time.perf_counter()  # validation time is not training throughput
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self.save(last["loss"])
@@ -419,11 +428,15 @@ def run_rank(argv: list[str] | None, job_type: type[BaseModel], trainer_type: ty
     # DeepSpeed logs its whole config at INFO on every rank; rank 0's own lines are enough
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING if rank == 0 else logging.ERROR)
     try:
-        trainer_type(job).run()
+        with collective_errors(section(job), job.recipe.distributed.collective_timeout_s, rank):
+            trainer_type(job).run()
     except DivergenceError as exc:
         if rank == 0:
             print(f"[{section(job)}] ERROR: {exc}", file=sys.stderr, flush=True)
         return 3
+    except CollectiveTimeout as exc:  # the rank that waited says so (the others may be the stuck ones)
+        print(f"[{section(job)}] ERROR: {exc}", file=sys.stderr, flush=True)
+        return 4
     return 0
 
 

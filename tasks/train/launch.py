@@ -46,6 +46,7 @@ from pydantic import BaseModel
 from lmfoundry.infra.config import REPO_ROOT
 from lmfoundry.infra.config_train import TrainRecipe
 from lmfoundry.infra.files import InputError
+from lmfoundry.infra.heartbeat import StallWatch
 from lmfoundry.infra.store import StageDir, StageRef
 
 log = logging.getLogger("lmfoundry.train")
@@ -279,9 +280,11 @@ def train(
         log.info("first DeepSpeed launch on this machine: compiling its CPU communication op once (about 30 s to 2 min, silent; cached in %s)", extensions_dir())
     launch = Launch(launch_command(dist, work / "job.json", dist.master_port or free_port(), section, module), launch_env(dist), REPO_ROOT)
     deadline = time.monotonic() + dist.timeout_s if dist.timeout_s else None
+    watch = StallWatch(work, dist.stall_timeout_s, section, error)  # no heartbeat for stall_timeout_s: stop every rank
     try:
         while launch.poll() is None:
             sync.sync()
+            watch.check(launch.stop, sync.committed, launch.tail)
             if deadline and time.monotonic() > deadline:
                 launch.stop()
                 raise error(f"training exceeded {section}.distributed.timeout_s={dist.timeout_s}; the last checkpoint is kept, run again to resume")

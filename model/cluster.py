@@ -1,0 +1,58 @@
+"""Process-group setup every training rank shares: the collective timeout and its clear error.
+
+    from lmfoundry.model.cluster import init_distributed, collective_errors
+    init_distributed(cfg.distributed)            # deepspeed.init_distributed with the configured timeout
+    with collective_errors("pretrain", cfg.distributed.collective_timeout_s, rank):
+        trainer.run()                            # a timed-out collective -> CollectiveTimeout
+
+``distributed.collective_timeout_s`` is the process group's timeout: a collective (all-reduce,
+barrier, broadcast) that waits longer fails instead of hanging. With gloo (CPU) the waiting rank
+gets a RuntimeError ("Timed out waiting ... for recv"), which ``collective_errors`` turns into a
+``CollectiveTimeout`` naming the knob, the rank and what to do; model/train.py's ``run_rank``
+prints it as an ERROR line the stage runner reports, and the launcher ends the other ranks.
+With NCCL the timeout is enforced by PyTorch's NCCL watchdog thread, which by default
+(TORCH_NCCL_ASYNC_ERROR_HANDLING=3) tears the process down after logging
+"Watchdog caught collective operation timeout"; the stage reports that line. Anything that
+still hangs is the stage watchdog's (infra/heartbeat.py).
+"""
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Iterator
+
+# what a timed-out collective says: gloo's recv/send wait, its pair closure after a timeout, NCCL's watchdog
+TIMEOUT_MESSAGE = re.compile(r"Timed out waiting|timeout caused pair closure|Watchdog caught collective operation timeout|collective operation timeout", re.I)
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective did not complete within distributed.collective_timeout_s on this rank."""
+
+
+def init_distributed(dist) -> None:
+    """deepspeed.init_distributed for a recipe's ``distributed`` section, with its collective timeout."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=dist.backend, timeout=timedelta(seconds=dist.collective_timeout_s))
+
+
+def is_collective_timeout(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and bool(TIMEOUT_MESSAGE.search(str(exc)))
+
+
+@contextmanager
+def collective_errors(section: str, timeout_s: float, rank: int) -> Iterator[None]:
+    """Turn a timed-out collective raised inside the block into a CollectiveTimeout that says what happened."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not is_collective_timeout(exc):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CollectiveTimeout(
+            f"rank {rank}: a collective did not complete within {section}.distributed.collective_timeout_s={timeout_s:g}s "
+            f"({first[:200]}): another rank stopped taking part (hung, died, or is far slower). The last committed checkpoint is kept: "
+            f"look for the stuck rank in the log above, then run the stage again to resume (raise collective_timeout_s if a rank is legitimately slow, "
+            f"e.g. saving a large checkpoint or compiling)."
+        ) from exc
