@@ -55,7 +55,7 @@ class TrainRecipe(Section):
         peak_tflops: float = Field(
             0.0, ge=0, description="peak dense bf16 TFLOP/s of one device, the denominator of MFU; 0: from the device name (model/accel.py; CPU: a nominal 1.0)"
         )
-        compile: bool = Field(False, description="torch.compile each Transformer block (model/accel.py; ppo runs eager); unset: on for cuda, off for cpu")
+        compile: bool = Field(False, description="torch.compile each Transformer block (model/accel.py; ppo and ZeRO-3 run eager); unset: on for cuda, off for cpu")
         attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math", "fa3"] = Field(
             "auto", description="attention kernel (ppo: always auto): auto lets SDPA choose; flash/cudnn/efficient/math force one SDPA backend; fa3 needs flash_attn_interface"
         )

@@ -182,11 +182,13 @@ def fast_path(model: nn.Module, cfg, dist, precision: str, device: torch.device)
     """Apply a training section's execution knobs (dist: its ``distributed``) to a freshly built
     model on this rank: TF32, the attention kernel, compiled blocks, the MFU peak. Returns the
     open attention context (keep it for the rank's life) and what was chosen, for the log line
-    and DONE.json."""
+    and DONE.json. Under ZeRO-3 the blocks stay eager (``compiled_blocks`` 0): its parameter
+    gathering runs in hooks around every block."""
     stack = ExitStack()
     tf32 = enable_tf32(dist.accelerator)
     attention = stack.enter_context(attention_for_run(dist.attention_backend, model, cfg, device, DTYPES[precision]))
-    compiled = compile_blocks(model) if dist.compile else 0
+    # ZeRO-3 gathers each block's parameters in module hooks around its forward: left eager
+    compiled = compile_blocks(model) if dist.compile and dist.zero_stage < 3 else 0
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak, source = resolve_peak(dist.peak_tflops, dist.accelerator, device_name)
     chosen = {"device": device_name, "precision": precision, "tf32": tf32, "attention": attention, "compiled_blocks": compiled,

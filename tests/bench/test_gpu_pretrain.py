@@ -29,7 +29,7 @@ def test_gpu_check_script_on_cpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in rendezvous} | {"OUT": str(tmp_path), "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
     proc = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 2, proc.stderr[-3000:]  # the two GPU steps fail, the smoke step does not
-    assert "== smoke: ok" in proc.stderr and "no CUDA device" in proc.stderr
+    assert "== smoke: ok" in proc.stderr and "no CUDA device" in proc.stderr and (tmp_path / "smoke.log").exists()
     lines = [line.split(" ", 1) for line in proc.stdout.splitlines() if line.strip()]
     assert [name for name, _ in lines] == ["smoke", "smoke"]
     results = [json.loads(text) for _, text in lines]

@@ -154,3 +154,8 @@ def test_fast_path_on_cpu_changes_nothing_it_should_not():
     with stack:
         assert (chosen["tf32"], chosen["compiled_blocks"], chosen["peak_tflops"]) == (False, 0, 1.0)
         assert chosen["attention"].startswith("auto") and "causal masking not halved" in accel.describe(chosen)
+    # compile asked for: every block, except under ZeRO-3 (its gathering hooks wrap each block)
+    assert accel.fast_path(tiny(), model.cfg, dist.model_copy(update={"compile": True}), "fp32", torch.device("cpu"))[1]["compiled_blocks"] == 2
+    zero3 = dist.model_copy(update={"compile": True, "zero_stage": 3})
+    assert accel.fast_path(tiny(), model.cfg, zero3, "fp32", torch.device("cpu"))[1]["compiled_blocks"] == 0
+    torch._dynamo.reset()
