@@ -15,6 +15,7 @@ torch state on purpose: one training rank is one process.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
@@ -135,25 +136,36 @@ def check_attention(name: str, device: torch.device, dtype: torch.dtype, cfg) ->
     description for the start-of-run log line, or raises AttentionBackendError saying why the
     backend cannot run here and what to choose instead."""
     if name == "auto":
-        return "auto (SDPA chooses its kernel per call)"
+        usable = [backend for backend in SDPA_BACKENDS if _sdpa_runs(backend, device, dtype, cfg) is None]
+        return f"auto (SDPA chooses per call; usable here: {', '.join(usable) or 'none'})"
     if name == "fa3":
         if device.type != "cuda" or not fa3_available():
             why = "the flash_attn_interface module (FlashAttention 3) is not installed" if not fa3_available() else "it runs on cuda only"
             raise AttentionBackendError(f"distributed.attention_backend fa3: {why}; choose auto, flash, cudnn, efficient or math")
         return "fa3 (flash_attn_interface for causal rows; SDPA for masked and cached attention)"
     head_dim = cfg.d_model // cfg.n_heads
-    q = torch.randn(1, cfg.n_heads, 16, head_dim, device=device, dtype=dtype)
-    kv = torch.randn(1, cfg.n_kv_heads, 16, head_dim, device=device, dtype=dtype)
-    try:
-        with attention_kernel(name):
-            F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=cfg.n_kv_heads != cfg.n_heads)
-    except RuntimeError as exc:
-        reason = " ".join(str(exc).split())[:300]
+    reason = _sdpa_runs(name, device, dtype, cfg)
+    if reason is not None:
         raise AttentionBackendError(
             f"distributed.attention_backend {name} cannot run on {device.type} with {dtype} and head_dim {head_dim} "
             f"({reason}); choose auto (SDPA picks a kernel that can) or another backend"
-        ) from exc
+        )
     return f"{name} (forced through sdpa_kernel; checked on {device.type}, {dtype}, head_dim {head_dim})"
+
+
+def _sdpa_runs(name: str, device: torch.device, dtype: torch.dtype, cfg) -> str | None:
+    """None when SDPA backend ``name`` runs a small causal attention of the model's head layout,
+    else why not (the kernel's own words)."""
+    head_dim = cfg.d_model // cfg.n_heads
+    q = torch.randn(1, cfg.n_heads, 16, head_dim, device=device, dtype=dtype)
+    kv = torch.randn(1, cfg.n_kv_heads, 16, head_dim, device=device, dtype=dtype)
+    try:
+        with warnings.catch_warnings(), attention_kernel(name):
+            warnings.simplefilter("ignore")  # each refusing kernel also warns; the error says it once
+            F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=cfg.n_kv_heads != cfg.n_heads)
+    except RuntimeError as exc:
+        return " ".join(str(exc).split())[:300]
+    return None
 
 
 def use_fa3(model: nn.Module) -> None:

@@ -45,6 +45,8 @@ def test_attention_backends_on_cpu():
     for name in ("auto", "math"):
         with accel.attention_for_run(name, model, model.cfg, torch.device("cpu"), torch.float32) as described:
             assert described.startswith(name)
+            if name == "auto":  # what this machine could use for the model's head layout: cuDNN is cuda-only
+                assert "math" in described.split("usable here:")[1] and "cudnn" not in described
             logits, _ = model(tokens)
         torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-5)
     # a kernel this machine has not: a clear error naming the field, before any training
