@@ -55,7 +55,9 @@ class StoreConfig(Section):
 class ComputeConfig(Section):
     workers: int = execution(2, ge=1, description="parallel shard workers for data stages")
     task_runner: Literal["threads", "processes", "dask"] = execution(
-        "threads", description="how data stages map over shards: local threads or processes, or a Dask cluster"
+        "processes",
+        description="how data stages map over shards: local worker processes (CPU-bound Python uses every core), threads (one core "
+        "through the GIL; for I/O-bound work), or a Dask cluster (README: Choosing a task runner)",
     )
     dask_address: str | None = execution(
         None, description="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (task_runner=dask; None: a local cluster of `workers` processes)"
