@@ -93,7 +93,7 @@ def test_kill_9_mid_run_then_resume_gives_bit_identical_weights(finished, store,
     a = load_file(store.reader(resumed.ref).local_path("model/model.safetensors"))
     b = load_file(reference_store.reader(reference.ref).local_path("model/model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    drop = ("tokens_per_s", "mfu")
+    drop = ("tokens_per_s", "mfu", "tokens_per_s_wall", "mfu_wall")  # timings differ between runs
     strip = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]
     assert strip(metrics(store, resumed)) == strip(metrics(reference_store, reference))
 
