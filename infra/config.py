@@ -38,6 +38,7 @@ from lmfoundry.infra.config_data import (  # noqa: F401  (re-exported: every sec
     TokenizeConfig,
 )
 from lmfoundry.infra.config_train import TrainRecipe
+from lmfoundry.infra.config_sweep import SweepConfig
 from lmfoundry.infra.config_review import ReviewConfig
 from lmfoundry.infra.credentials import StorageOptions
 
@@ -154,6 +155,7 @@ class PipelineConfig(Section):
     reward_model: RewardModelConfig = RewardModelConfig()
     dpo: DpoConfig = DpoConfig()
     ppo: PpoConfig = PpoConfig()
+    sweep: SweepConfig = SweepConfig()  # read by flows/sweep.py only, never by a stage
     review_docs: ReviewConfig = ReviewConfig()  # issue 21: expert review after pii_scrub (tasks/review/)
     review_pairs: ReviewConfig = ReviewConfig()  # and after preference_data
 

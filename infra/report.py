@@ -19,7 +19,9 @@ half-built pipeline:
   small panel per metric ending in ``accuracy``, ``margin`` or ``ppl`` (``val_accuracy``,
   ``reward_margin``...) and for PPO's ``reward`` / ``val_reward`` and ``kl``; a
   ``unigram_<metric>`` is drawn as a dashed reference line;
-- every stage's stats as a table.
+- every stage's stats as a table;
+- each hyperparameter sweep of the pipeline (``<store>/sweeps/*/results.json``, infra/sweep_report.py):
+  its trials as a table, the objective per trial and the parameter importances.
 
 The page is rendered from Jinja2 templates in infra/templates/ (report.html.j2, which includes
 lineage.svg.j2), autoescaped; this module only reads and plots. Plots are PNGs embedded as
@@ -40,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import jinja2
 
 from lmfoundry.infra.store import StageRef, Store
+from lmfoundry.infra.sweep_report import report_sections
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -414,6 +417,7 @@ def render_html(store: Store, pipeline: str, infos: list[StageInfo], title: str)
         layout=lineage_layout(infos) if infos else None,
         plots=plots(store, infos),
         tables=[stats_table(i) for i in infos],
+        sweeps=report_sections(store, pipeline),  # hyperparameter sweeps of this pipeline (flows/sweep.py)
     )
 
 

@@ -8,6 +8,7 @@
     lmf serve [--config F] [--only NAME] [--schedule NAME=CRON|SECONDS]   (deployments/README.md)
     lmf deploy [--config F] [--gpu-pool-type process|kubernetes] [--gpu-slots N]
     lmf report [--config F] [--snapshot LABEL] [--out report.html]
+    lmf sweep [--config F] [--set sweep.trials=N] [--best-config PATH]   (the preset's `sweep` section; flows/sweep.py)
     lmf generate --model STAGE|DIR --prompt TEXT [--raw] [--temperature T] [--seed S]   (lmfoundry/talk.py)
     lmf chat --model STAGE|DIR [--system TEXT]
     lmf review export|import|show review_docs|review_pairs ...   (lmfoundry/review_cli.py: Label Studio)
@@ -258,6 +259,17 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    """Run the sweep flow here (a temporary Prefect server unless PREFECT_API_URL names one);
+    running it again continues the same study."""
+    from lmfoundry.flows.params import DEFAULT_PRESET
+    from lmfoundry.flows.sweep import sweep
+
+    _config(args)  # an invalid preset or override fails before Prefect starts
+    sweep(preset=args.config or DEFAULT_PRESET, overrides=args.set, best_config=args.best_config or "")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     _prefect_env()
     parser = argparse.ArgumentParser(prog="lmf", description="lmfoundry: raw web text to an aligned language model")
@@ -303,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--snapshot", help="report this data-refresh snapshot instead of the current refs")
     p.add_argument("--out", default="lmf-report.html", help="output file (default: lmf-report.html)")
     p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("sweep", help="hyperparameter search over the preset's sweep.space (Optuna; resumable)")
+    _add_config_args(p)
+    p.add_argument("--best-config", help="also write the best config as a YAML preset here")
+    p.set_defaults(fn=cmd_sweep)
     from lmfoundry import talk
 
     talk.add_commands(sub, _add_config_args)  # generate, chat

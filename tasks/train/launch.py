@@ -57,6 +57,7 @@ CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE.json"
 PROTECTED = "PROTECTED.json"  # the trainer marks the last checkpoint before a loss/grad-norm spike
 METRICS = "metrics.jsonl"
+STOP = "STOP"  # a file in the work directory that stops the training (a sweep pruning a trial: flows/sweep.py)
 ERROR_LINE = re.compile(r"\[(\w+)\] ERROR:")  # what model/train.py prints before exiting on divergence
 
 
@@ -284,6 +285,9 @@ def train(
     try:
         while launch.poll() is None:
             sync.sync()
+            if (work / STOP).exists():
+                launch.stop()
+                raise error(f"{section} training stopped: {work / STOP} was created (a pruned sweep trial, or by hand)")
             watch.check(launch.stop, sync.committed, launch.tail)
             if deadline and time.monotonic() > deadline:
                 launch.stop()
@@ -351,7 +355,8 @@ def training(
             **job, recipe=recipe.recipe(), store_url=out.store.url, storage_options=out.store.storage_options, work_dir=str(work), resume_tag=resume_tag
         )
         (work / "job.json").write_text(spec.model_dump_json(indent=2))
-        (work / DONE).unlink(missing_ok=True)
+        for name in (DONE, STOP):  # a stop asked of an earlier attempt does not stop this one
+            (work / name).unlink(missing_ok=True)
         train(dist, work, sync, section, error, job_class.__module__)
         summary = json.loads((work / DONE).read_text())
         yield Training(work, summary, read_metrics(work / METRICS), resume_tag, sync.uploaded)
