@@ -50,6 +50,16 @@ def n_buckets_for(seq_len: int, bucket_size: int) -> int:
     return 2 * math.ceil(seq_len / (2 * bucket_size))
 
 
+def keys_per_query(cfg: ModelConfig, seq_len: int) -> int:
+    """Keys each query is scored against, for the FLOP count (Transformer.flops_per_token): T for
+    dense attention (the full square, as the dense count has always been); for LSH its own chunk
+    and the previous one in every hashing round (the whole row, once, when it fits one chunk)."""
+    if cfg.attention != "lsh":
+        return seq_len
+    per_round = seq_len if seq_len <= cfg.lsh_bucket_size else 2 * cfg.lsh_bucket_size
+    return cfg.lsh_n_hashes * per_round
+
+
 def rotations(head_dim: int, n_hashes: int, n_buckets: int, seed: int, device) -> torch.Tensor:
     """Random rotations R [n_hashes, Dh, n_buckets / 2], the same for the same seed and size."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + n_buckets)
@@ -99,7 +109,7 @@ def lsh_attention(
 
     kk, vv, kpos, kbucket = (with_previous(t, 3) for t in (sk, sv, spos, sbucket))
     kslot = with_previous(slot, 0)  # [C, 2L]; the first chunk's "previous" wraps round to the last
-    scores = torch.einsum("bhncid,bhncjd->bhncij", sq, kk) / math.sqrt(Dh)  # [B, H, n, C, L, 2L]
+    scores = torch.einsum("bhncid,bhncjd->bhncij", sq / math.sqrt(Dh), kk)  # [B, H, n, C, L, 2L]
     qp, kp = spos.unsqueeze(-1), kpos.unsqueeze(-2)
     # the L most recent sorted slots of the query's own bucket: the same bucket's tokens lie together
     # in position order, so these are its up to L latest earlier bucket-mates, whatever later tokens
@@ -112,18 +122,23 @@ def lsh_attention(
         kseg = with_previous(sseg, 3)
         allowed &= sseg.unsqueeze(-1) == kseg.unsqueeze(-2)
     # own key first, then the masks (a padded slot's own key is never used: its output is cut off)
-    scores = scores.masked_fill(kp == qp, SELF_SCORE).masked_fill(~allowed, float("-inf"))
-    lse = scores.logsumexp(dim=-1, keepdim=True)  # [B, H, n, C, L, 1]
+    # in place: the einsum's backward does not read its output, so no copy of the scores is kept
+    scores.masked_fill_(kp == qp, SELF_SCORE).masked_fill_(~allowed, float("-inf"))
     # softmax, not exp(scores - lse): near SELF_SCORE fp32 has too few bits for that difference
     out = torch.einsum("bhncij,bhncjd->bhncid", torch.softmax(scores, dim=-1), vv)  # [B, H, n, C, L, Dh]
+    if n_hashes == 1:
+        return unsort_rows(out, undo)[:, :, 0, :T]
+    lse = scores.logsumexp(dim=-1, keepdim=True)  # [B, H, n, C, L, 1]: how much each round found
 
-    def unsort(x: torch.Tensor) -> torch.Tensor:  # [B, H, n, C, L, X] -> [B, H, n, Tp, X] in position order
-        x = x.reshape(B, H, n_hashes, Tp, x.shape[-1])
-        return x.gather(3, undo.unsqueeze(-1).expand(-1, -1, -1, -1, x.shape[-1]))
-
-    out, lse = unsort(out), unsort(lse)
+    out, lse = unsort_rows(out, undo), unsort_rows(lse, undo)
     weights = torch.softmax(lse, dim=2)  # [B, H, n, Tp, 1]: each round by how much it found
     return (weights * out).sum(dim=2)[:, :, :T]
+
+
+def unsort_rows(x: torch.Tensor, undo: torch.Tensor) -> torch.Tensor:
+    """[B, H, n, C, L, X] in hash order -> [B, H, n, Tp, X] in position order (undo [B, H, n, Tp])."""
+    B, H, n, C, L, X = x.shape
+    return x.reshape(B, H, n, C * L, X).gather(3, undo.unsqueeze(-1).expand(-1, -1, -1, -1, X))
 
 
 class LSHAttention(nn.Module):

@@ -24,6 +24,11 @@ values to preallocated buffers and attends over every filled slot, so a new toke
 token's work. Slot s is the same in every row of a batch (prompts are left-padded); the
 caller gives each token its position and segment (padding gets a segment of its own).
 
+Issue 20 options, each in its own file: ``model.attention: lsh`` swaps Attention for Reformer-style
+LSH attention (model/lsh_attention.py), ``model.share_layers: k`` repeats one block over each group
+of k layers (model/sharing.py), and ``activation_checkpointing`` (off | all | every:K | attention)
+chooses what backward recomputes (model/checkpointing.py).
+
 Shape letters: B batch, T sequence, D d_model, H query heads, K key/value heads,
 Dh head dim (D / H), F feed-forward hidden, V vocabulary.
 """
@@ -39,7 +44,7 @@ from torch import nn
 
 from lmfoundry.infra.config import ModelConfig
 from lmfoundry.model.checkpointing import OFF, checkpointed, parse_policy, run_block
-from lmfoundry.model.lsh_attention import LSHAttention
+from lmfoundry.model.lsh_attention import LSHAttention, keys_per_query
 from lmfoundry.model.moe import MoE
 from lmfoundry.model.sharing import is_shared_copy, shared_layers, unique_state_dict
 
@@ -304,8 +309,9 @@ class Transformer(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6N for the weights (forward 2N, backward 4N) plus attention
-        scores and weighted values, 2 * 2 * T * D per layer forward, times 3 for training."""
-        return 6 * self.active_matmul_parameters() + 12 * self.cfg.n_layers * self.cfg.d_model * seq_len
+        scores and weighted values, 2 * 2 * T * D per layer forward, times 3 for training (LSH
+        attention: its keys per query, lsh_attention.keys_per_query, instead of T)."""
+        return 6 * self.active_matmul_parameters() + 12 * self.cfg.n_layers * self.cfg.d_model * keys_per_query(self.cfg, seq_len)
 
     def expert_load(self) -> list[list[float]]:
         """Per MoE layer, the fraction of routed slots each expert took in the last forward."""

@@ -33,8 +33,9 @@ def tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def test_a_future_token_never_changes_an_earlier_logit():
-    model = lsh_model().eval()  # 40 tokens in chunks of 8: several buckets, sorted chunks, look-back
+@pytest.mark.parametrize("n_hashes", [1, 2])
+def test_a_future_token_never_changes_an_earlier_logit(n_hashes):
+    model = lsh_model(lsh_n_hashes=n_hashes).eval()  # 40 tokens in chunks of 8: several buckets, sorted chunks, look-back
     x = tokens(2, 40)
     with torch.no_grad():
         base = model(x)[0]
@@ -99,6 +100,21 @@ def test_packed_segments_never_see_each_other():
     assert (packed - dense_shared_qk_attention(q, v, segments)).abs().max().item() < 1e-5
 
 
+def test_packed_row_through_the_model_equals_each_conversation_alone():
+    model = lsh_model(lsh_bucket_size=32).eval()  # every conversation fits a chunk: comparable alone
+    pieces = [tokens(1, n, seed=n)[0] for n in (7, 12, 5)]
+    row = torch.cat(pieces).unsqueeze(0)
+    positions = torch.cat([torch.arange(len(p)) for p in pieces]).unsqueeze(0)
+    segments = torch.cat([torch.full((len(p),), i) for i, p in enumerate(pieces)]).unsqueeze(0)
+    with torch.no_grad():
+        packed = model(row, positions, segments)[0]
+        start = 0
+        for piece in pieces:
+            alone = model(piece.unsqueeze(0))[0]
+            assert (packed[0, start : start + len(piece)] - alone[0]).abs().max().item() < 1e-5
+            start += len(piece)
+
+
 def test_lsh_model_trains_and_refuses_the_kv_cache_and_export(tmp_path):
     from lmfoundry.model.export import ExportError, export_llama
     from lmfoundry.model.transformer import KVCache, save_model
@@ -120,6 +136,15 @@ def test_lsh_model_trains_and_refuses_the_kv_cache_and_export(tmp_path):
     save_model(model.state_dict(), model.cfg, tmp_path / "ours")
     with pytest.raises(ExportError, match="model.attention 'lsh'"):
         export_llama(tmp_path / "ours", tmp_path / "hf", max_seq_len=32)
+
+
+def test_flops_count_the_keys_lsh_scores():
+    lsh, dense = lsh_model(lsh_bucket_size=64, lsh_n_hashes=2), lsh_model(attention="dense")
+    weights_lsh, weights_dense = 6 * lsh.active_matmul_parameters(), 6 * dense.active_matmul_parameters()
+    assert weights_dense - weights_lsh == 6 * 2 * 32 * 16  # no k_proj: 2 layers x d_model x kv width
+    assert lsh.flops_per_token(1024) == weights_lsh + 12 * 2 * 32 * (2 * 128)  # 2 rounds x (own + previous chunk)
+    assert lsh.flops_per_token(48) == weights_lsh + 12 * 2 * 32 * (2 * 48)  # one chunk: the row, per round
+    assert dense.flops_per_token(1024) == weights_dense + 12 * 2 * 32 * 1024
 
 
 def test_dense_default_keeps_the_identity():
