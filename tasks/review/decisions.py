@@ -17,6 +17,7 @@ import json
 import math
 import posixpath
 import uuid
+from datetime import datetime, timezone
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -69,14 +70,15 @@ def log_dir(store: Store, kind: str) -> str:
 def write_batch(store: Store, batch: Batch) -> str:
     for i, d in enumerate(batch.decisions):
         check_decision(d, batch.kind, f"batch {batch.batch} decision {i} (item {d.item_id})")
-    stamp = batch.created_at.replace(":", "").replace("-", "").replace("+0000", "Z")
+    # microseconds in the name: two batches written in the same second keep their order
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     path = posixpath.join(log_dir(store, batch.kind), f"{stamp}-{batch.batch}.json")
     store.write_bytes_atomic(path, json.dumps(batch.model_dump(mode="json"), indent=1, sort_keys=True).encode(), durable=True)
     return path
 
 
 def read_batches(store: Store, kind: str) -> list[Batch]:
-    """Every batch of this kind, oldest first (file names start with the time)."""
+    """Every batch of this kind, in the order they were written (file names start with the time)."""
     try:
         paths = sorted(p for p in store.fs.ls(log_dir(store, kind), detail=False) if p.endswith(".json"))
     except FileNotFoundError:
