@@ -14,7 +14,8 @@ ingest's shard size), into a fresh store per run.
 
 Measured per stage and size: wall seconds, CPU seconds of this process and every process
 below it (pool workers, a local Dask cluster: psutil's view of the process tree, sampled at
-the start and end of the stage), the peak RSS of the tree (sampled every 0.1 s) and the
+the start and end of the stage), the peak memory of the tree (PSS, so pages a forked worker
+shares with its parent count once; sampled every 0.1 s) and the
 planted duplicates found. The sizes take turns within each round (alternating rounds, the
 median of at least 3 per size, bench/README.md "How we measure").
 
@@ -140,7 +141,7 @@ def tree_cpu() -> dict[int, float]:
 
 
 class PeakRss:
-    """Samples the summed RSS of the process tree every `every_s` in a thread; `.peak_mb`."""
+    """Samples the summed memory (PSS) of the process tree every `every_s` in a thread; `.peak_mb`."""
 
     def __init__(self, every_s: float = 0.1):
         self.every_s, self.peak, self._stop = every_s, 0, threading.Event()
@@ -150,8 +151,8 @@ class PeakRss:
         while not self._stop.is_set():
             total = 0
             for proc in tree():
-                try:
-                    total += proc.memory_info().rss
+                try:  # PSS: a forked worker's pages shared with its parent count once, not twice
+                    total += proc.memory_full_info().pss
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
@@ -373,6 +374,7 @@ def measure(args: argparse.Namespace, sides: dict[str, list[str]], work: Path, c
         quality["dask"] = {str(s): {"per_stage": v["per_stage"], "rounds_s": v["rounds_s"], "recall": v["recall"]} for s, v in on_dask.items()}
         # wall of the whole run on Dask / on the local runner, per size (medians of the rounds)
         quality["dask_wall_vs_local"] = {str(s): round(on_dask[s]["wall_us_per_doc"] / summary[s]["wall_us_per_doc"], 3) for s in args.sizes}
+        quality["dask_cpu_vs_local"] = {str(s): round(on_dask[s]["us_per_doc"] / summary[s]["us_per_doc"], 3) for s in args.sizes}
         extra["dask_wall_ratio"] = quality["dask_wall_vs_local"][str(args.sizes[-1])]
     print_result(
         "scale", "cpu_us_per_doc", large["us_per_doc"], f"{args.sizes[0]} docs", small["us_per_doc"],

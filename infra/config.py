@@ -38,6 +38,7 @@ from lmfoundry.infra.config_data import (  # noqa: F401  (re-exported: every sec
     TokenizeConfig,
 )
 from lmfoundry.infra.config_train import TrainRecipe
+from lmfoundry.infra.config_parallel import layout_problems
 from lmfoundry.infra.config_sweep import SweepConfig
 from lmfoundry.infra.config_review import ReviewConfig
 from lmfoundry.infra.credentials import StorageOptions
@@ -172,6 +173,21 @@ class PipelineConfig(Section):
             off = [name for name in inputs if not getattr(self, name).enabled]
             if getattr(self, stage).enabled and off:
                 raise ValueError(f"{stage} is enabled but needs {', '.join(off)}: set {', '.join(f'{n}.enabled: true' for n in off)} (or {stage}.enabled: false)")
+        return self
+
+    @model_validator(mode="after")
+    def _parallel_layout_fits(self) -> "PipelineConfig":
+        # tp / sp against the model's heads and the token length (infra/config_parallel.py); ranks were checked in the section
+        m = self.model
+        for name in ("pretrain", "sft", "reward_model", "dpo", "ppo"):
+            section = getattr(self, name)
+            dist = section.distributed
+            problems = layout_problems(
+                dist.tp, dist.sp, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, seq_len=self.tokenize.seq_len if name == "pretrain" else None,
+                section=name, moe=bool(m.moe_experts), attention=m.attention, share_layers=m.share_layers,
+            )
+            if problems and getattr(section, "enabled", True):
+                raise ValueError("; ".join(problems))
         return self
 
 

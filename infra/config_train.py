@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from lmfoundry.infra.config_base import Section, execution
+from lmfoundry.infra.config_parallel import layout_problems
 
 
 def defaults_for(accelerator: str) -> dict[str, Any]:
@@ -59,6 +60,8 @@ class TrainRecipe(Section):
         attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math", "fa3"] = Field(
             "auto", description="attention kernel (ppo: always auto): auto lets SDPA choose; flash/cudnn/efficient/math force one SDPA backend; fa3 needs flash_attn_interface"
         )
+        tp: int = Field(1, ge=1, description="tensor-parallel ranks per model copy (DeepSpeed AutoTP; model/parallel.py); data-parallel size = ranks / (tp x sp)")
+        sp: int = Field(1, ge=1, description="sequence-parallel ranks per sequence (DeepSpeed Ulysses; model/parallel.py): each holds seq_len / sp tokens")
         master_port: int = Field(0, ge=0, description="rendezvous port; 0: a free one")
         work_dir: str | None = Field(None, description="local scratch for checkpoints before upload; None: a temporary directory")
         keep_checkpoints: int = Field(1, ge=1, description="committed checkpoints kept in the stage (older ones are removed)")
@@ -101,17 +104,11 @@ class TrainRecipe(Section):
 
         @model_validator(mode="after")
         def _check_parallel_layout(self) -> "TrainRecipe.Distributed":
+            # ranks are procs x nodes; a hostfile's nodes are known at launch (model/parallel.py checks again)
+            problems = layout_problems(self.tp, self.sp, ranks=None if self.hostfile else self.procs, section=None, zero_stage=self.zero_stage)
+            if problems:
+                raise ValueError("; ".join(problems))
             return self
-
-        @field_validator("activation_checkpointing", mode="before")
-        @classmethod
-        def _check_checkpointing(cls, value: Any) -> Any:
-            # the policy itself is read by model/checkpointing.py; here only its spelling is checked
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                return value.lower() == "true"
-            if isinstance(value, str) and not re.fullmatch(r"off|all|attention|every:[1-9][0-9]*", value):
-                raise ValueError(f"distributed.activation_checkpointing {value!r} is not one of: off, all, every:K (K >= 1), attention (or true / false)")
-            return value
 
     class Stability(Section):
         """Spike detection (model/stability.py): loss and grad norm against a rolling mean + k sigma."""

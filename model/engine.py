@@ -12,6 +12,7 @@ import torch
 
 from lmfoundry.infra.config_train import TrainRecipe
 from lmfoundry.model.objectives import lm_batch_loss
+from lmfoundry.model.parallel import tensor_parallel_config
 
 
 def lr_at(step: int, cfg: TrainRecipe) -> float:
@@ -73,15 +74,25 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
-def build_engine(model: torch.nn.Module, cfg: TrainRecipe, world_size: int, section: str = "pretrain"):
-    """The DeepSpeed engine: AdamW (matrices decayed), warmup + cosine schedule, ZeRO, precision, clipping."""
+def build_engine(model: torch.nn.Module, cfg: TrainRecipe, world_size: int, section: str = "pretrain", mpu=None):
+    """The DeepSpeed engine: AdamW (matrices decayed), warmup + cosine schedule, ZeRO, precision, clipping.
+
+    world_size: the data-parallel ranks; distributed.tp > 1 adds AutoTP, and mpu (sequence
+    parallelism's groups) goes to DeepSpeed as is (model/parallel.py)."""
     import deepspeed
 
+    config = deepspeed_config(cfg, world_size, section)
+    if cfg.distributed.tp > 1:
+        config.update(tensor_parallel_config(cfg.distributed.tp))
+        # DeepSpeed checks train_batch_size against the whole world before AutoTP forms its groups
+        # (runtime/config.py: no mpu yet, so world_size = every rank); micro x accumulation says it all
+        del config["train_batch_size"]
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg.weight_decay),
-        config=deepspeed_config(cfg, world_size, section),
+        config=config,
         lr_scheduler=partial(make_scheduler, cfg=cfg),
+        mpu=mpu,
     )
     return engine
 

@@ -34,6 +34,7 @@ from lmfoundry.model.heads import RewardModel, save_reward_model
 from lmfoundry.model.loader import LoaderError, TokenLoader
 from lmfoundry.model.losses import IGNORE_INDEX, cross_entropy, dpo_loss, lm_loss, masked_targets, reward_loss, sequence_logprobs, split_batch
 from lmfoundry.model.transformer import Transformer, load_model, resolve, save_model
+from lmfoundry.model.parallel import local_slice, sp_lm_loss
 
 REFERENCE_DIR = "reference"  # DPO: the frozen model's log-probs, beside the checkpoints in the work dir
 COMPLETE = "COMPLETE.json"
@@ -122,8 +123,10 @@ class Pretrain(Objective):
 
     def loaders(self, store: Store):
         t = self.t
-        self.loader = TokenLoader.from_stage(store, self.job.data, "train", batch_size=t.micro, seed=self.cfg.seed, rank=t.rank, world_size=t.world)
-        self.val = TokenLoader.from_stage(store, self.job.data, "val", batch_size=t.micro, rank=t.rank, world_size=t.world, shuffle=False)
+        # split by data-parallel rank: the ranks of a TP or SP group read the same batch (model/parallel.py)
+        rank, world = t.layout.dp_rank, t.layout.dp
+        self.loader = TokenLoader.from_stage(store, self.job.data, "train", batch_size=t.micro, seed=self.cfg.seed, rank=rank, world_size=world)
+        self.val = TokenLoader.from_stage(store, self.job.data, "val", batch_size=t.micro, rank=rank, world_size=world, shuffle=False)
         self.pad_id, self.seq_len = self.loader.pad_id, self.loader.seq_len
         return self.loader, self.val
 
@@ -136,6 +139,8 @@ class Pretrain(Objective):
         return model
 
     def loss(self, engine, batch):
+        if self.t.layout.sp > 1:  # this rank's slice of the sequence, the loss weighted over the SP group
+            return sp_lm_loss(engine, batch, self.t.layout, self.pad_id, self.cfg.label_smoothing, self.job.model.moe_aux_weight)
         return lm_batch_loss(engine, batch, self.pad_id, self.cfg.label_smoothing, self.job.model.moe_aux_weight)
 
     @torch.no_grad()
@@ -143,13 +148,17 @@ class Pretrain(Objective):
         """Token-weighted cross-entropy over up to eval_samples validation samples."""
         device = self.t.device
         total = torch.zeros(3, dtype=torch.float64, device=device)  # summed CE, tokens, summed unigram CE
+        lay = self.t.layout
         for batch in self.capped(self.val, self.cfg.eval_samples):
             inputs, targets = split_batch(batch.to(device), self.pad_id)
+            inputs, targets = local_slice(inputs, lay), local_slice(targets, lay)  # sequence parallel: this rank's slice
             logits, _ = engine(inputs)  # runs even on an empty batch: ZeRO-3 gathers need every rank
             if targets.numel():
                 flat = cross_entropy(logits, targets, reduction="sum")
                 scored = targets[targets != IGNORE_INDEX]
                 total += torch.stack([flat.double(), torch.tensor(float(scored.numel()), dtype=torch.float64, device=device), -self.unigram[scored].sum()])
+        if not lay.reports:  # tensor parallel: the group's other ranks computed the same sums
+            total.zero_()
         self.t.dist.all_reduce(total)
         val_loss = (total[0] / total[1].clamp(min=1)).item()
         unigram_loss = (total[2] / total[1].clamp(min=1)).item()

@@ -54,6 +54,7 @@ from lmfoundry.infra.heartbeat import beat
 from lmfoundry.infra.store import StageRef, Store
 from lmfoundry.model.cluster import CollectiveTimeout, collective_errors, init_distributed
 from lmfoundry.model.accel import FLOP_CONVENTION_SHORT as MFU_FLOPS, describe as describe_fast_path, fast_path
+from lmfoundry.model import parallel
 from lmfoundry.model.objectives import OBJECTIVES
 from lmfoundry.model.stability import Spike, StabilityMonitor
 from lmfoundry.model.engine import batch_split, build_engine, lr_at, micro_steps
@@ -141,6 +142,8 @@ class Trainer:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         init_distributed(self.cfg.distributed)  # with distributed.collective_timeout_s
         self.world = dist.get_world_size()
+        # tensor / sequence parallel groups inside the world; data parallel across them (model/parallel.py)
+        self.layout = parallel.layout(self.cfg.distributed, self.rank, self.world, self.section)
         if self.cfg.distributed.accelerator == "cuda":
             torch.cuda.set_device(self.local_rank)
             self.device = torch.device("cuda", self.local_rank)
@@ -152,7 +155,7 @@ class Trainer:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
 
         store = Store(job.store_url, job.storage_options)
-        self.micro, self.accumulation = batch_split(self.cfg.global_batch_size, self.world, self.cfg.distributed.micro_batch_size, self.section)
+        self.micro, self.accumulation = batch_split(self.cfg.global_batch_size, self.layout.dp, self.cfg.distributed.micro_batch_size, self.section)
         self.objective = OBJECTIVES[job.objective](job, self)
         self.loader, self.val = self.objective.loaders(store)
         self.seq_len = self.objective.seq_len
@@ -161,13 +164,15 @@ class Trainer:
         model = self.objective.build_model()
         self.model_cfg = self.objective.model_cfg
         model.activation_checkpointing = self.cfg.distributed.activation_checkpointing
+        parallel.check_model(self.layout, self.model_cfg, self.seq_len, self.section)
+        mpu = parallel.sequence_parallel_mpu(model, self.layout)  # Ulysses attention; None without sp
         # the fast path on this device (model/accel.py): TF32, attention kernel, compiled blocks, MFU
         # peak; the attention context stays open for the rank's life
         self.kernels, self.fast = fast_path(model, self.model_cfg, self.cfg.distributed, self.cfg.precision, self.device)
         self.log(describe_fast_path(self.fast))
         self.flops_per_token = model.flops_per_token(self.seq_len)
         self.n_params = model.num_parameters()
-        self.engine = build_engine(model, self.cfg, self.world, self.section)
+        self.engine = build_engine(model, self.cfg, self.layout.dp, self.section, mpu=mpu)  # AutoTP shards it when tp > 1
         self.step = 0
         self.tokens_seen = 0
         stab = self.cfg.stability
@@ -273,13 +278,14 @@ class Trainer:
                 f"{what} at step {self.step + 1}: training diverged. The last good checkpoint is kept; "
                 f"lower {self.section}.lr, raise warmup_steps or use fp32/bf16 instead of fp16, then run again."
             )
-        return {**metrics, "grad_norm": grad_norm, "tokens": round(tokens * self.world)}
+        # tokens count once per TP group (its ranks see the same batch)
+        return {**metrics, "grad_norm": grad_norm, "tokens": round(tokens * self.world / self.layout.tp)}
 
     def plain_grad_norm(self) -> float | None:
         """DeepSpeed reports the norm only when an optimizer wrapper (ZeRO, bf16/fp16) computes it;
         plain ZeRO-0 fp32 grads are whole and already averaged over ranks here, so measure them."""
-        if self.cfg.distributed.zero_stage or self.cfg.precision != "fp32":
-            return None
+        if self.cfg.distributed.zero_stage or self.cfg.precision != "fp32" or self.layout.tp > 1:
+            return None  # under tp a rank holds shards: only DeepSpeed's ZeRO norm (zero_stage >= 1) spans them
         norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
         return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else None
 
@@ -293,8 +299,8 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         self.log(
-            f"{self.job.objective}: {self.n_params / 1e6:.2f}M parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token, {self.world} rank(s), "
-            f"batch {cfg.global_batch_size} = {self.world} x {self.micro} x {self.accumulation} accumulation, seq_len {self.seq_len}, "
+            f"{self.job.objective}: {self.n_params / 1e6:.2f}M parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token, {self.world} rank(s) (tp {self.layout.tp}, sp {self.layout.sp}), "
+            f"batch {cfg.global_batch_size} = {self.layout.dp} data-parallel x {self.micro} x {self.accumulation} accumulation, seq_len {self.seq_len}, "
             f"train {self.loader.num_samples} samples, val {self.val.num_samples}"
         )
         interval_start, interval_tokens = time.perf_counter(), 0
@@ -384,7 +390,9 @@ class Trainer:
         ZeRO-0 from the module itself (so bf16/fp16 training exports its rounded weights)."""
         extra = self.objective.finalize(self.engine)  # every rank: it may run the model
         tag = step_tag(self.step)
-        if self.cfg.distributed.zero_stage == 0:
+        if self.layout.tp > 1:  # AutoTP shards: gathered by every rank, whole on rank 0 (the module's weights)
+            state = parallel.full_state_dict(self.engine)
+        elif self.cfg.distributed.zero_stage == 0:
             state = self.engine.module.state_dict() if self.rank == 0 else None
         else:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -121,6 +121,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
+        self.sequence_parallel = None  # set by model/parallel.py: attention through DeepSpeed Ulysses
         # set by model/accel.py use_fa3: flash_attn_func(q, k, v [B, T, heads, Dh], causal=True) for unmasked rows
         self.causal_kernel = None
 
@@ -128,23 +129,32 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None, cache: "LayerCache | None" = None
     ) -> torch.Tensor:  # [B, T, D]
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, Dh]
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, Dh]
+        # head counts come from the projections' widths: under tensor parallelism (model/parallel.py)
+        # a rank holds H / tp query and K / tp key/value heads
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, K, T, Dh]
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, K, T, Dh]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # generation: keep these keys/values, attend over every filled slot
             k, v = cache.store(k, v)  # [B, K, S, Dh], S = filled slots + T
-        if self.causal_kernel is not None and mask is None and cache is None:  # FlashAttention 3 takes [B, T, heads, Dh]
+        if self.sequence_parallel is not None:  # Ulysses (model/parallel.py): attend over the whole sequence, H / sp heads
+            y = self.sequence_parallel(q, k, v, mask)
+        elif self.causal_kernel is not None and mask is None and cache is None:  # FlashAttention 3 takes [B, T, heads, Dh]
             out = self.causal_kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
             out = out[0] if isinstance(out, tuple) else out  # some releases also return the log-sum-exp
             return self.o_proj(out.reshape(B, T, -1))
-        # each group of H / K query heads shares one key/value head
-        gqa = self.n_kv_heads != self.n_heads
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # [B, H, T, Dh]
-        else:  # block-diagonal causal [B, 1, T, S]: a token's own slot is always allowed, so no row is empty
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # [B, T, D]
+        else:
+            y = attend(q, k, v, mask)  # [B, H, T, Dh]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # [B, T, D]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """q [B, H, T, Dh], k, v [B, K, S, Dh] -> [B, H, T, Dh]; causal, or the given mask [B, 1, T, S]."""
+    gqa = k.shape[1] != q.shape[1]  # each group of H / K query heads shares one key/value head
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    # block-diagonal causal: a token's own slot is always allowed, so no row is empty
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 class SwiGLU(nn.Module):
@@ -199,6 +209,8 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.activation_checkpointing = False
+        # sequence parallelism (model/parallel.py): this rank holds slice `sequence_rank` of `sequence_shards`
+        self.sequence_rank, self.sequence_shards = 0, 1
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # rope(): tables by (length, device, dtype)
         self.record_activations = False  # set on logging steps: per-layer output mean/std
         self.activation_stats: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -243,9 +255,12 @@ class Transformer(nn.Module):
             return self._cached_hidden_states(tokens, positions, segments, cache)
         T = tokens.shape[1]
         x = self.embed_tokens(tokens)  # [B, T, D]
-        cos, sin = self.rope(T, x.device, x.dtype)  # [T, Dh]
+        cos, sin = self.rope(T * self.sequence_shards, x.device, x.dtype)  # [T, Dh] (whole sequence under SP)
         if positions is not None:  # packed or left-padded rows: positions count within the row, so each is below T
             cos, sin = rope_at(positions, cos, sin)  # [B, 1, T, Dh]
+        elif self.sequence_shards > 1:  # a sequence-parallel slice: its tokens' global positions
+            start = self.sequence_rank * T
+            cos, sin = cos[start : start + T], sin[start : start + T]
         # lsh attention takes the segment ids [B, T] themselves: a dense [B, 1, T, T] mask would defeat it
         mask = None if segments is None else segments if self.cfg.attention == "lsh" else block_causal_mask(segments)
         aux_total = x.new_zeros((), dtype=torch.float32)

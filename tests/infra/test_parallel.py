@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import time
+from functools import partial
+from pathlib import Path
 from concurrent.futures.process import BrokenProcessPool
 
 import pytest
@@ -19,8 +21,14 @@ from lmfoundry.infra.parallel import map_shards
 PROCESSES = ComputeConfig(workers=2, task_runner="processes", progress=False)
 
 
-def where(item: int) -> tuple[int, int]:
-    time.sleep(0.2)  # long enough that both workers take shards
+def where(item: int, meeting: str | None = None) -> tuple[int, int]:
+    """(item squared, this pid); with `meeting`, the first shards wait there until two processes
+    have arrived, so two workers certainly run shards (whatever the machine's load)."""
+    if meeting:
+        Path(meeting, str(os.getpid())).touch()
+        deadline = time.monotonic() + 60
+        while len(os.listdir(meeting)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
     return item * item, os.getpid()
 
 
@@ -44,8 +52,8 @@ def test_the_default_runner_is_worker_processes():
     assert ComputeConfig().task_runner == "processes"
 
 
-def test_processes_run_shards_in_two_other_processes_in_input_order():
-    results = map_shards(where, range(6), PROCESSES)
+def test_processes_run_shards_in_two_other_processes_in_input_order(tmp_path):
+    results = map_shards(partial(where, meeting=str(tmp_path)), range(6), PROCESSES)
     assert [r for r, _ in results] == [i * i for i in range(6)]
     pids = {pid for _, pid in results}
     assert len(pids) == 2 and os.getpid() not in pids
