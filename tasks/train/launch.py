@@ -461,6 +461,8 @@ def export_policy(out: StageDir, work: Path, recipe: TrainRecipe, tokenizer_ref:
         return f"off ({section}.export_hf)"
     if json.loads((work / "final" / "model_config.json").read_text()).get("moe_experts"):
         return "skipped: mixture-of-experts has no LlamaForCausalLM form (weights are in model/)"
+    if json.loads((work / "final" / "model_config.json").read_text()).get("attention", "dense") != "dense":
+        return "skipped: LSH attention (model.attention) has no LlamaForCausalLM form (weights are in model/)"
     from lmfoundry.model.export import export_llama
 
     tokenizer_json, special = tokenizer_inputs(out, tokenizer_ref)

@@ -88,6 +88,8 @@ def export(rm, out: StageDir, work: Path, sft_ref: StageRef, index: dict) -> str
 
     if json.loads((work / "final" / "model_config.json").read_text()).get("moe_experts"):
         return "skipped: mixture-of-experts has no LlamaForSequenceClassification form (weights are in model/)"
+    if json.loads((work / "final" / "model_config.json").read_text()).get("attention", "dense") != "dense":
+        return "skipped: LSH attention (model.attention) has no LlamaForSequenceClassification form (weights are in model/)"
     from lmfoundry.model.export import export_reward_model
 
     special = {role: index.get(f"{role}_id") for role in ("bos", "eos", "pad")}
