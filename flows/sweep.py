@@ -134,7 +134,7 @@ def run_trials(study: optuna.Study, storage, config: PipelineConfig, name: str, 
         others = [t for t in trials if t.state == TrialState.RUNNING and t.number not in running]
         if not running and not waiting and not others:
             return
-        for t in others:  # see below
+        for t in others:  # see `adopted` above
             if t.number not in adopted and (datetime.now() - t.datetime_start).total_seconds() > 2 * sweep.heartbeat_s:
                 storage.record_heartbeat(t._trial_id)
                 adopted.add(t.number)
@@ -235,15 +235,16 @@ class TrialMonitor:
                 (self.work / STOP).touch()  # again each time: a resumed attempt removes an earlier STOP
 
     def report(self, rows: list[dict[str, Any]], prune: bool = True) -> None:
-        new = False
-        for row in rows:
-            step, value = row.get("step"), row.get(self.key)
-            if isinstance(step, int) and isinstance(value, (int, float)) and step not in self.reported:
-                self.trial.report(float(value), step)
-                self.reported.add(step)
-                new = True
-        if prune and new and not self.pruned and self.trial.should_prune():
-            self.pruned = True
+        """Report each new value in step order and ask the pruner after each: ASHA records a
+        trial's rungs only when asked (so a finished or reused trial is asked too, `prune=False`)."""
+        for row in sorted((r for r in rows if isinstance(r.get("step"), int)), key=lambda r: r["step"]):
+            step, value = row["step"], row.get(self.key)
+            if self.pruned or not isinstance(value, (int, float)) or step in self.reported:
+                continue
+            self.trial.report(float(value), step)
+            self.reported.add(step)
+            if self.trial.should_prune() and prune:
+                self.pruned = True
 
 
 # ------------------------------------------------------------------ results

@@ -158,7 +158,10 @@ def open_study(config: PipelineConfig, store: Store, study_name: str, print_id: 
         url, engine_kwargs=engine, heartbeat_interval=sweep.heartbeat_s, grace_period=2 * sweep.heartbeat_s,
         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
     )
-    study = optuna.create_study(study_name=study_name, storage=storage, direction=sweep.objective.direction, sampler=sampler(sweep), pruner=pruner(sweep), load_if_exists=True)
+    eval_every = getattr(trial_config(config, {}), sweep.stage).eval_every  # the steps at which a trial reports
+    study = optuna.create_study(
+        study_name=study_name, storage=storage, direction=sweep.objective.direction, sampler=sampler(sweep), pruner=pruner(sweep, eval_every), load_if_exists=True
+    )
     known = study.user_attrs.get("fingerprint")
     if known is None:
         study.set_user_attr("fingerprint", print_id)
@@ -185,11 +188,13 @@ def sampler(sweep: SweepConfig) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=sweep.seed, constant_liar=sweep.concurrency > 1, n_startup_trials=min(10, max(2, sweep.trials // 3)))
 
 
-def pruner(sweep: SweepConfig) -> optuna.pruners.BasePruner:
+def pruner(sweep: SweepConfig, eval_every: int = 1) -> optuna.pruners.BasePruner:
     if sweep.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=sweep.pruner_startup_trials, n_warmup_steps=sweep.pruner_warmup_steps)
     if sweep.pruner == "asha":
-        return optuna.pruners.SuccessiveHalvingPruner()
+        # rungs at the first validation step x 4^k; Optuna's "auto" would wait for a finished
+        # trial to guess it, and that first trial would never enter the rungs
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=eval_every, reduction_factor=4)
     return optuna.pruners.NopPruner()
 
 

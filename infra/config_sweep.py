@@ -95,10 +95,10 @@ class SweepConfig(Section):
     stage: Literal["pretrain", "sft"] = Field("pretrain", description="the training stage every trial runs")
     objective: Objective = Objective()
     trials: int = Field(20, ge=1, description="trials the study should hold in the end (a rerun continues up to this many)")
-    concurrency: int = Field(1, ge=1, description="trials running at once, each a Prefect task run holding its gpu-slots")
+    concurrency: int = Field(1, ge=1, le=64, description="trials running at once, each a Prefect task run holding its gpu-slots")
     sampler: Literal["tpe", "random"] = Field("tpe", description="how the next values are chosen (TPE: from the trials so far)")
     pruner: Literal["median", "asha", "none"] = Field(
-        "median", description="stop a trial early from its validation curve: below the median of others (median), successive halving (asha)"
+        "median", description="stop a trial early from its validation curve: worse than the median of others at that step (median), or not in the best quarter at a rung of eval_every x 4^k steps (asha)"
     )
     pruner_startup_trials: int = Field(2, ge=0, description="median: trials that finish before any is pruned")
     pruner_warmup_steps: int = Field(0, ge=0, description="median: training steps before a trial can be pruned")

@@ -88,7 +88,8 @@ def objective_figure(record: dict[str, Any]) -> Figure:
     ax.set_title(f"sweep {record['study']}: {metric} per trial ({direction})")
     ax.set_xlabel("trial")
     ax.set_ylabel(metric)
-    ax.legend(fontsize=8)
+    if done or pruned:
+        ax.legend(fontsize=8)
     return fig
 
 

@@ -264,8 +264,9 @@ def cmd_sweep(args) -> int:
     running it again continues the same study."""
     from lmfoundry.flows.params import DEFAULT_PRESET
     from lmfoundry.flows.sweep import sweep
+    from lmfoundry.flows.sweep_study import check_space
 
-    _config(args)  # an invalid preset or override fails before Prefect starts
+    check_space(_config(args))  # an invalid preset, override or search space fails before Prefect starts
     sweep(preset=args.config or DEFAULT_PRESET, overrides=args.set, best_config=args.best_config or "")
     return 0
 

@@ -7,6 +7,7 @@ Run: .venv/bin/pytest -q tests/flows/test_sweep.py
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -22,8 +23,11 @@ import pytest
 import yaml
 
 from lmfoundry.flows import sweep_study as studies
-from lmfoundry.flows.sweep import sweep
+from lmfoundry.cli import main
+from lmfoundry.flows.stage_task import artifact_key
+from lmfoundry.flows.sweep import TrialMonitor, sweep
 from lmfoundry.infra.config import ConfigError, load_config
+from lmfoundry.infra.config_sweep import SweepConfig
 from lmfoundry.infra.report import build_report
 from lmfoundry.infra.store import Store
 from lmfoundry.infra.sweep_report import read_sweeps, report_sections
@@ -33,7 +37,7 @@ VOCAB, SEQ = 48, 16
 LOW, HIGH = 1e-5, 3e-3
 
 
-pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning", "ignore:Heartbeat of storage")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning", "ignore:Heartbeat of storage")]
 
 
 @pytest.fixture(scope="module")
@@ -115,12 +119,21 @@ def test_finds_the_better_learning_rate_and_reuses_a_repeated_trial(prefect_harn
     # lmf report's section: the table and the objective plot
     (section,) = [s for s in report_sections(store, "toy") if s["study"] == result["study"]]
     assert section["columns"][:4] == ["trial", "state", "val_loss", "pretrain.lr"] and len(section["rows"]) == 3
+    assert record["importances"] == {"pretrain.lr": 1.0}  # Optuna's importances: the only parameter explains it all
+    assert [p["alt"] for p in section["plots"]] == ["objective per trial", "parameter importances"]
     assert section["plots"][0]["src"].startswith("data:image/png;base64,")
+    # the Prefect artifacts: the trial table and the plots
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        table = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(f"sweep-{result['study']}-trials")])))
+        plots = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(f"sweep-{result['study']}-plots")])))
+    assert len(json.loads(table[0].data)) == 3 and plots[0].data.count("](data:image/png;base64,") == 2
     page = build_report(store, "toy", ["pretrain"], versions={})
     assert f"Sweep {result['study']}" in page and "<b>pretrain.lr</b>" in page
 
 
-def test_a_bad_space_fails_naming_the_path(store, tmp_path):
+def test_a_bad_space_fails_naming_the_path(store, tmp_path, capsys):
     base = yaml.safe_load(open(preset(tmp_path, store)))
 
     def check(space, **sweep):
@@ -143,15 +156,19 @@ def test_a_bad_space_fails_naming_the_path(store, tmp_path):
         check({"pretrain.lr": {"type": "float", "low": 1e-4, "high": 1e-2}}, objective={"metric": "val_los"})
     with pytest.raises(ConfigError, match="sweep.space is empty"):
         check({})
+    # `lmf sweep` says so before starting anything, exit code 2
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(dict(base, sweep=dict(base["sweep"], space={"pretrain.lrr": {"type": "float", "low": 1e-4, "high": 1e-2}}))))
+    assert main(["sweep", "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert "did you mean 'lr'" in capsys.readouterr().err
 
 
 def test_killed_sweep_resumes_and_the_retry_is_pruned_early(prefect_harness, prefect_api_url, store, tmp_path):
-    """Seed 41 draws trial 0 = (lr 3e-3, 20 steps): committed by the test above, reused at once; and
+    """TPE's first (random) draws with seed 41: trial 0 = (lr 3e-3, 20 steps): committed by the test above, reused at once; and
     trial 1 = (lr 2e-5, 2000 steps): a new training. The sweep is killed while trial 1 runs; the
     rerun fails it and re-runs it, and the median pruner stops that run at its first validation
     (worse than trial 0 at the same step) instead of training 2000 steps."""
     space = {"pretrain.lr": {"type": "categorical", "choices": [HIGH, 2e-5]}, "pretrain.steps": {"type": "categorical", "choices": [20, 2000]}}
-    path = preset(tmp_path, store, trials=2, concurrency=1, study_name="killed", seed=41, pruner="median", pruner_startup_trials=1, space=space)
+    path = preset(tmp_path, store, trials=2, concurrency=1, study_name="killed", sampler="tpe", seed=41, pruner="median", pruner_startup_trials=1, space=space)
     env = dict(os.environ, PREFECT_API_URL=prefect_api_url)
     log = open(tmp_path / "sweep.log", "w")
     child = subprocess.Popen([sys.executable, "-m", "lmfoundry.cli", "sweep", "--config", path], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -181,6 +198,28 @@ def test_killed_sweep_resumes_and_the_retry_is_pruned_early(prefect_harness, pre
     first = min(retry.intermediate_values)
     assert retry.intermediate_values[first] > after[0].intermediate_values[first]
     assert not store.is_committed("pretrain", retry.user_attrs["version"])
+
+
+@pytest.mark.parametrize("kind,stops", [("median", True), ("asha", True), ("none", False)])
+def test_the_monitor_stops_a_worse_trial_at_its_first_validation(tmp_path, kind, stops):
+    """Trial 0 finished with a falling curve; trial 1's metrics.jsonl shows a worse value at step 5:
+    median and ASHA (rungs at 5, 20, ...) prune it and the monitor creates STOP; none never does."""
+    sweep_cfg = SweepConfig(pruner=kind, pruner_startup_trials=1)
+    study = optuna.create_study(pruner=studies.pruner(sweep_cfg, eval_every=5))
+    dists = {"pretrain.lr": optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True)}
+    curve = lambda *values: [{"kind": "val", "step": step, "val_loss": v} for step, v in zip((5, 10, 15, 20), values)]  # noqa: E731
+    first = study.ask(dists)
+    TrialMonitor(first, None, "val_loss").report(curve(3.6, 3.4, 3.3, 3.2), prune=False)  # a finished (or reused) trial
+    study.tell(first, 3.2)
+    monitor = TrialMonitor(study.ask(dists), tmp_path, "val_loss").start()
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in curve(3.87, 3.86)) + '{"kind": "val", "st')  # mid-write
+    deadline = time.monotonic() + 10
+    while not ((tmp_path / "STOP").exists() or len(monitor.reported) == 2) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.5)  # a look or two more: nothing changes
+    monitor.stop()
+    assert monitor.pruned is stops and (tmp_path / "STOP").exists() is stops
+    assert monitor.reported == ({5} if stops else {5, 10})  # a pruned trial reports nothing after the step that stopped it
 
 
 class SlotWatch:
