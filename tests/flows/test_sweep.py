@@ -200,6 +200,15 @@ def test_killed_sweep_resumes_and_the_retry_is_pruned_early(prefect_harness, pre
     assert not store.is_committed("pretrain", retry.user_attrs["version"])
 
 
+def test_the_sweep_deployment_runs_this_flow_with_the_demo_preset():
+    from lmfoundry.flows.deploy import runner_deployments
+
+    (deployment,) = runner_deployments(only=["sweep"])
+    assert deployment.entrypoint == "lmfoundry.flows.sweep.sweep" and deployment.parameters == {"preset": "configs/demo.yaml"}
+    assert set(deployment._parameter_openapi_schema.properties) == {"preset", "overrides", "best_config"}
+    studies.check_space(load_config())  # the demo preset's sweep section is valid as shipped
+
+
 @pytest.mark.parametrize("kind,stops", [("median", True), ("asha", True), ("none", False)])
 def test_the_monitor_stops_a_worse_trial_at_its_first_validation(tmp_path, kind, stops):
     """Trial 0 finished with a falling curve; trial 1's metrics.jsonl shows a worse value at step 5:
