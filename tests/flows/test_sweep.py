@@ -200,6 +200,22 @@ def test_killed_sweep_resumes_and_the_retry_is_pruned_early(prefect_harness, pre
     assert not store.is_committed("pretrain", retry.user_attrs["version"])
 
 
+def test_a_study_name_is_refused_for_another_sweep(store, tmp_path):
+    """The same study name with another space (or base config, objective, inputs) would mix trials
+    that are not comparable: refused, naming the study; the same sweep loads it again."""
+    config = load_config(preset(tmp_path, store, study_name="named"))
+    other = config.model_copy(update={"sweep": config.sweep.model_copy(update={"space": {}})})
+    identity = {"model": {}, "pretrain": {"lr": 1.0, "steps": 20}}
+    one, two = studies.fingerprint(config, identity, ["d"]), studies.fingerprint(other, identity, ["d"])
+    assert one != two and one == studies.fingerprint(config, {"model": {}, "pretrain": {"lr": 2.0, "steps": 20}}, ["d"])  # swept fields do not count
+    assert one != studies.fingerprint(config, {"model": {}, "pretrain": {"lr": 1.0, "steps": 30}}, ["d"])  # the rest of the base does
+    study, _ = studies.open_study(config, store, "named", one)
+    study.enqueue_trial({"pretrain.lr": HIGH})
+    assert len(studies.open_study(config, store, "named", one)[0].trials) == 1  # loaded, not new
+    with pytest.raises(ConfigError, match=r"study 'named' in sqlite:///.*optuna.db was started with another search space"):
+        studies.open_study(other, store, "named", two)
+
+
 def test_the_sweep_deployment_runs_this_flow_with_the_demo_preset():
     from lmfoundry.flows.deploy import runner_deployments
 
