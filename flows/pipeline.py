@@ -16,7 +16,9 @@ STAGES: list[StageSpec] = [
     StageSpec("extract", TASKS + "acquire.extract:run_extract", section="extract", inputs=("ingest_warc",)),
     StageSpec("ingest", TASKS + "acquire.ingest:run_ingest", section="ingest"),
     StageSpec("exact_dedup", TASKS + "dedup.exact_dedup:run_exact_dedup", section="exact_dedup", inputs=("ingest", "extract")),
-    StageSpec("near_dedup", TASKS + "dedup.near_dedup:run_near_dedup", section="near_dedup", inputs=("exact_dedup",)),
+    # off by default (pass-through); variants carry meta.augmented_from, which near_dedup reports on
+    StageSpec("augment_docs", TASKS + "augment.documents:run_augment_docs", section="augment_docs", inputs=("exact_dedup",)),
+    StageSpec("near_dedup", TASKS + "dedup.near_dedup:run_near_dedup", section="near_dedup", inputs=("augment_docs",)),
     StageSpec("heuristic_filter", TASKS + "filter.heuristic_filter:run_heuristic_filter", section="heuristic_filter", inputs=("near_dedup",)),
     StageSpec("train_quality_classifier", TASKS + "filter.quality:run_train_quality_classifier", section="quality", unused=("threshold", "keep_top_fraction"), inputs=("heuristic_filter",)),
     StageSpec("quality_filter", TASKS + "filter.quality:run_quality_filter", section="quality", inputs=("heuristic_filter", "train_quality_classifier")),
@@ -27,7 +29,7 @@ STAGES: list[StageSpec] = [
     StageSpec("train_tokenizer", TASKS + "tokens.train_tokenizer:run_train_tokenizer", section="tokenizer", inputs=("review_docs",)),
     StageSpec("tokenize", TASKS + "tokens.tokenize:run_tokenize", section="tokenize", inputs=("review_docs", "train_tokenizer")),
     # off by default; when on, its variants of the train conversations join sft_data's train split
-    StageSpec("augment", TASKS + "chat.augment:run_augment", section=("augment", "sft_data")),
+    StageSpec("augment", TASKS + "augment.conversations:run_augment", section=("augment", "sft_data")),
     StageSpec("sft_data", TASKS + "chat.sft_data:run_sft_data", section="sft_data", inputs=("train_tokenizer", "augment")),
     StageSpec("preference_data", TASKS + "chat.preference_data:run_preference_data", section="preference_data", inputs=("train_tokenizer",)),
     # expert review of preference pairs (issue 21, off by default: both pass preference_data through)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from lmfoundry.infra.config_posttrain import AugmentConfig, DpoConfig, PpoConfig, PreferenceDataConfig, RewardModelConfig, SftConfig, SftDataConfig
+from lmfoundry.infra.config_posttrain import AugmentConfig, AugmentDocsConfig, DpoConfig, PpoConfig, PreferenceDataConfig, RewardModelConfig, SftConfig, SftDataConfig
 from lmfoundry.infra.config_base import EXECUTION_KEY, Section, added_later, execution  # noqa: F401  (re-exported)
 from lmfoundry.infra.config_data import (  # noqa: F401  (re-exported: every section is importable from here)
     SourceConfig,
@@ -141,6 +141,7 @@ class PipelineConfig(Section):
     ingest_warc: IngestWarcConfig = IngestWarcConfig()
     extract: ExtractConfig = ExtractConfig()
     exact_dedup: ExactDedupConfig = ExactDedupConfig()
+    augment_docs: AugmentDocsConfig = AugmentDocsConfig()
     near_dedup: NearDedupConfig = NearDedupConfig()
     heuristic_filter: HeuristicFilterConfig = HeuristicFilterConfig()
     quality: QualityClassifierConfig = QualityClassifierConfig()

@@ -5,7 +5,7 @@ kept in its own file so the tree stays readable.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -66,15 +66,13 @@ class BackTranslationConfig(Section):
     device: str = execution("cpu", description="torch device of both models")
 
 
-class AugmentConfig(Section):
-    """Stage `augment` (tasks/chat/augment.py): new variants of the SFT training conversations by
-    WordNet synonym replacement and/or back-translation; sft_data adds them to its train split.
-    Validation conversations are never augmented (the held-out loss stays honest)."""
+class _AugmentMethods(Section):
+    """What both augment stages share: the methods and their settings."""
 
+    section_name: ClassVar[str]  # the config section, as named in messages
     enabled: bool = Field(False, description="off by default: measure on your data whether it helps (README: Augmentation)")
     methods: list[Literal["synonyms", "backtranslation"]] = Field(["synonyms"], min_length=1, description="each method makes its own variants")
-    copies: int = Field(1, ge=1, le=16, description="variants per training conversation and method")
-    roles: list[Literal["user", "assistant"]] = Field(["user", "assistant"], min_length=1, description="whose messages are rewritten")
+    copies: int = Field(1, ge=1, le=16, description="variants per item and method (backtranslation is greedy: always one)")
     synonym_rate: float = Field(0.2, gt=0, le=1, description="chance that each replaceable word is replaced")
     pos: list[Literal["noun", "verb", "adj", "adv"]] = Field(["noun", "verb", "adj", "adv"], min_length=1, description="parts of speech that may be replaced")
     wordnet_dir: str = Field("/usr/share/wordnet", description="WordNet 3.0 database files (Debian: apt-get install wordnet-base)")
@@ -82,10 +80,27 @@ class AugmentConfig(Section):
     seed: int = Field(0, description="the same seed, data and settings give the same variants")
 
     @model_validator(mode="after")
-    def _models_for_backtranslation(self) -> "AugmentConfig":
+    def _models_for_backtranslation(self) -> "_AugmentMethods":
         if "backtranslation" in self.methods and self.backtranslation is None:
-            raise ValueError("augment.methods has backtranslation but augment.backtranslation is not set: give forward and backward model directories")
+            raise ValueError(f"{self.section_name}.methods has backtranslation but {self.section_name}.backtranslation is not set: give forward and backward model directories")
         return self
+
+
+class AugmentConfig(_AugmentMethods):
+    """Stage `augment` (tasks/augment/conversations.py): new variants of the SFT training
+    conversations; sft_data adds them to its train split. Validation conversations are never
+    augmented (the held-out loss stays honest)."""
+
+    section_name: ClassVar[str] = "augment"
+    roles: list[Literal["user", "assistant"]] = Field(["user", "assistant"], min_length=1, description="whose messages are rewritten")
+
+
+class AugmentDocsConfig(_AugmentMethods):
+    """Stage `augment_docs` (tasks/augment/documents.py): variants of every document of a small
+    corpus, after exact_dedup, each linked to its source (meta.augmented_from); near_dedup and the
+    review gate see the link."""
+
+    section_name: ClassVar[str] = "augment_docs"
 
 
 class SftConfig(TrainRecipe):

@@ -49,7 +49,7 @@ from lmfoundry.tasks.chat.shapes import PREFERENCE_SHAPES, parse_conversation
 
 CODE_VERSION = "1"
 SECTION = "sft_data"
-AUGMENT_STAGE, AUGMENTED_FILE = "augment", "augmented.jsonl"  # tasks/chat/augment.py's output
+AUGMENT_STAGE, AUGMENTED_FILE = "augment", "augmented.jsonl"  # tasks/augment/conversations.py's output
 log = logging.getLogger("lmfoundry.sft_data")
 
 

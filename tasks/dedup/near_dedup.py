@@ -69,6 +69,7 @@ from lmfoundry.infra.docs import DATA_PREFIX, shard_name
 from lmfoundry.infra.parallel import map_pending
 from lmfoundry.infra.store import StageDir, StageRef
 from lmfoundry.tasks.dedup import minhash
+from lmfoundry.tasks.augment.documents import VARIANT_MARK
 from lmfoundry.tasks.dedup.lsh_clusters import _bucket_path, cluster_partition, find_components, groups_partition, sets_to_arrow, write_hash_table
 
 CODE_VERSION = "1"
@@ -98,6 +99,8 @@ class NearDedupStats(BaseModel):
     largest_cluster: int
     cluster_sizes: dict[str, int]  # histogram: "2", "3-4", "5-8", ...
     partitions: dict[str, int]
+    # augment_docs variants: kept, removed_near_own_source, removed_near_other (empty without them)
+    augmented: dict[str, int] = {}
 
 
 # --------------------------------------------------------------------------- the plan
@@ -266,8 +269,27 @@ def filter_shard(out: StageDir, inputs: list[StageRef], plan: dict[str, Any], pa
     removed = removed.append_column("cluster", pa.array(cluster[gone])).append_column("keeper_id", pa.array(keeper_id[gone].tolist(), pa.string()))
     removed = removed.append_column("similarity", pa.array(similarity[gone]))
     counts = dict(Counter(reason[gone].tolist()))
+    augmented = augmented_outcomes(docs.column("id"), reason, keeper_id)
     out.write_table(shard_name(index, "removed/"), removed, counts=counts)
-    out.write_table(shard_name(index), docs.filter(pa.array(~gone)), counts=counts)
+    out.write_table(shard_name(index), docs.filter(pa.array(~gone)), counts=counts, augmented=augmented)
+
+
+def augmented_outcomes(ids: pa.ChunkedArray, reason: np.ndarray, keeper_id: np.ndarray) -> dict[str, int]:
+    """What became of the augment_docs stage's variants (ids carrying VARIANT_MARK): kept, or
+    removed as a near-duplicate of their own source family (source or a sibling variant: the
+    rewrite was too light to count as a new document) or of another document."""
+    family = lambda doc_id: doc_id.split(VARIANT_MARK, 1)[0]  # noqa: E731
+    variant = pc.match_substring(ids, VARIANT_MARK).to_numpy(zero_copy_only=False)
+    variant_keeper = np.array([k is not None and VARIANT_MARK in k for k in keeper_id], dtype=bool)
+    outcome: Counter = Counter()
+    for i in np.flatnonzero(variant | variant_keeper).tolist():  # none in a corpus without variants
+        doc_id = ids[i].as_py()
+        is_variant = VARIANT_MARK in doc_id
+        if reason[i] == NEAR_DUPLICATE and family(doc_id) == family(keeper_id[i]) and (is_variant or VARIANT_MARK in keeper_id[i]):
+            outcome["removed_near_own_source"] += 1
+        elif is_variant:
+            outcome["removed_near_other" if reason[i] else "kept"] += 1
+    return dict(outcome)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -293,7 +315,7 @@ def run_near_dedup(cfg: NearDedupConfig, inputs: list[StageRef], out: StageDir, 
 
 def collect_stats(cfg: NearDedupConfig, out: StageDir, plan: dict[str, Any], index: dict[str, Any]) -> NearDedupStats:
     removed, cluster_sizes = Counter(), Counter()
-    checks = Counter()
+    checks, augmented = Counter(), Counter()
     for q in range(index["partitions"]):
         counts = out.marker(shard_name(q, "clusters/"))["counts"]
         checks.update({k: counts[k] for k in ("comparisons", "exact_comparisons", "rejected")})
@@ -304,6 +326,7 @@ def collect_stats(cfg: NearDedupConfig, out: StageDir, plan: dict[str, Any], ind
         marker = out.marker(shard_name(i))
         docs_out += marker["rows"]
         removed.update(marker["counts"])
+        augmented.update(marker.get("augmented", {}))
     for i in range(len(plan["shards"])):
         sigs = out.marker(shard_name(i, "sigs/"))
         unshingled += sigs.get("unshingled", 0)
@@ -332,5 +355,6 @@ def collect_stats(cfg: NearDedupConfig, out: StageDir, plan: dict[str, Any], ind
         exact_comparisons=checks["exact_comparisons"],
         rejected=checks["rejected"],
         partitions={"input_shards": len(plan["shards"]), "bucket": plan["bucket_partitions"], "cluster": index["partitions"]},
+        augmented=dict(sorted(augmented.items())),
         **summary,
     )

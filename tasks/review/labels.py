@@ -37,6 +37,8 @@ def doc_signals(text: str, meta: dict[str, Any]) -> dict[str, Any]:
         "quality_score": _score(meta, "quality_score"),
         "pii": {str(k): int(v) for k, v in sorted(pii.items())},
         "heuristic": judge(text, _DEFAULT_RULES) or "pass",
+        # a variant made by augment_docs: the reviewer sees which document it was made from
+        **({"augmented_from": str(meta["augmented_from"]), "augmentation": str(meta.get("augmentation"))} if meta.get("augmented_from") else {}),
     }
 
 

@@ -14,11 +14,11 @@ from lmfoundry.infra.config import PipelineConfig
 from lmfoundry.infra.config_posttrain import BackTranslationConfig
 from lmfoundry.infra.stage import StageSpec, run_stage
 from lmfoundry.tasks.chat import common
-from lmfoundry.tasks.chat.backtranslate import BackTranslator
-from lmfoundry.tasks.chat.synonyms import SynonymReplacer, WordNetMissing, load_wordnet, wordnet_root
+from lmfoundry.tasks.augment.backtranslate import BackTranslator
+from lmfoundry.tasks.augment.synonyms import SynonymReplacer, WordNetMissing, load_wordnet, wordnet_root
 from tests.tasks.chat.conftest import read_split, segments
 
-AUGMENT = StageSpec("augment", "lmfoundry.tasks.chat.augment:run_augment", section=("augment", "sft_data"))
+AUGMENT = StageSpec("augment", "lmfoundry.tasks.augment.conversations:run_augment", section=("augment", "sft_data"))
 SFT_WITH_AUGMENT = StageSpec("sft_data", "lmfoundry.tasks.chat.sft_data:run_sft_data", section="sft_data", inputs=("train_tokenizer", "augment"))
 WORDNET = "/usr/share/wordnet"  # Debian's wordnet-base (make system-deps installs it)
 

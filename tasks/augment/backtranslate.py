@@ -5,7 +5,7 @@ seq2seq models (MarianMT style, one directory per direction), batched, greedy (d
     new_texts = translator.paraphrase(["How do I reset my password?", ...])
 
 Only the free text moves: protected spans (code, URLs, numbers, placeholders, special tokens;
-tasks/chat/synonyms.py's ``free_pieces``) are kept verbatim in place, and each free piece is
+tasks/augment/synonyms.py's ``free_pieces``) are kept verbatim in place, and each free piece is
 split into sentences, so a long message never exceeds the models' input length in one go.
 Whitespace around each sentence is kept as it was. Quality depends entirely on the models given;
 the tests build tiny random models, which proves the plumbing only.
@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from lmfoundry.infra.config_posttrain import BackTranslationConfig
-from lmfoundry.tasks.chat.synonyms import free_pieces
+from lmfoundry.tasks.augment.synonyms import free_pieces
 
 
 

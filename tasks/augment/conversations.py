@@ -5,11 +5,11 @@ Reads the same conversations as sft_data (its sources and builtin corpus, tasks/
 measure the original data), and writes for each remaining conversation, method and copy one
 variant whose chosen roles' messages are rewritten:
 
-- ``synonyms``: WordNet synonym replacement (tasks/chat/synonyms.py: rate, parts of speech,
+- ``synonyms``: WordNet synonym replacement (tasks/augment/synonyms.py: rate, parts of speech,
   protected spans; the random stream of a variant is seeded by the seed, the source's content
   hash, the method and the copy number, so it does not depend on order or worker);
 - ``backtranslation``: a round trip through two local translation models
-  (tasks/chat/backtranslate.py). Greedy decoding gives the same text for every copy, so one
+  (tasks/augment/backtranslate.py). Greedy decoding gives the same text for every copy, so one
   variant per conversation is written whatever ``copies`` says.
 
 Output: ``augmented.jsonl``, one variant per line: ``messages``, ``method``, ``copy``,
@@ -65,7 +65,7 @@ def rewrite_messages(messages: list[dict], roles: set[str], rewrite_text: Callab
 
 
 def synonym_rewriter(cfg) -> Rewrite:
-    from lmfoundry.tasks.chat.synonyms import SynonymReplacer, load_wordnet
+    from lmfoundry.tasks.augment.synonyms import SynonymReplacer, load_wordnet
 
     replacer = SynonymReplacer(load_wordnet(cfg.wordnet_dir), set(cfg.pos))
 
@@ -80,7 +80,7 @@ def synonym_rewriter(cfg) -> Rewrite:
 
 
 def backtranslation_rewriter(cfg) -> Rewrite:
-    from lmfoundry.tasks.chat.backtranslate import BackTranslator
+    from lmfoundry.tasks.augment.backtranslate import BackTranslator
 
     translator = BackTranslator(cfg.backtranslation)
 
