@@ -49,6 +49,7 @@ import pyarrow.parquet as pq
 from lmfoundry.bench._common import DEFAULT_DATA, MIN_ROUNDS, allowed_cores, pin_cores, print_result, rounds_arg, warc_paths, warc_texts
 from lmfoundry.flows.pipeline import stage
 from lmfoundry.infra.config import PipelineConfig, build_config
+from lmfoundry.infra.parallel import close_dask_clients
 from lmfoundry.infra.stage import run_stage
 from lmfoundry.infra.store import StageRef, Store
 
@@ -202,6 +203,7 @@ def loopback_dask(workers: int) -> Iterator[str]:
             client.wait_for_workers(workers, timeout=120)
         yield address
     finally:
+        close_dask_clients()  # the stages' client, before its scheduler goes
         for proc in reversed(procs):  # the workers first: without a scheduler they keep reconnecting
             proc.terminate()
             try:

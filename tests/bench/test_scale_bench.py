@@ -49,3 +49,16 @@ def test_scale_bench_reports_per_size_costs_and_finds_the_planted_duplicates(tmp
         assert set(quality["per_stage"][size]) == {"ingest", "exact_dedup", "near_dedup"}
         assert all(s["us_per_doc"] > 0 and s["peak_rss_mb"] > 0 for s in quality["per_stage"][size].values())
     assert result["settings"]["ours"]["task_runner"] == "processes" and result["settings"]["ours"]["rounds"] == 3
+
+
+def test_scale_bench_compares_with_a_loopback_dask_cluster(tmp_path, capsys):
+    rng = random.Random(2)
+    write_warc(tmp_path / "pages.warc.gz", [(f"http://site/{i}", "text/html", page(rng, 12)) for i in range(12)])
+    code = bench.main(["--sizes", "200", "--rounds", "3", "--data", str(tmp_path), "--work", str(tmp_path / "work"),
+                       "--shard-mb", "1", "--docs-per-file", "50", "--near-share", "0.05", "--exact-share", "0.03", "--dask", "compare"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    quality = result["quality"]
+    assert code == 0 and result["dask_wall_ratio"] == quality["dask_wall_vs_local"]["200"] > 0
+    assert quality["dask_cpu_vs_local"]["200"] > 0
+    assert quality["dask"]["200"]["recall"] == quality["recall"]["200"]  # the same work on both sides
+    assert quality["recall"]["200"]["near"] == 1.0 and quality["recall"]["200"]["exact"] == 1.0
