@@ -21,13 +21,13 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from functools import partial
+from functools import lru_cache, partial
 
 import pyarrow as pa
 from pydantic import BaseModel
 
 from lmfoundry.infra.config import ComputeConfig
-from lmfoundry.infra.config_posttrain import AugmentDocsConfig
+from lmfoundry.infra.config_posttrain import AugmentDocsConfig, BackTranslationConfig
 from lmfoundry.infra.docs import doc_shards, docs_table, shard_name
 from lmfoundry.infra.parallel import map_pending
 from lmfoundry.infra.store import StageDir, StageRef
@@ -58,11 +58,17 @@ def rewriters(cfg: AugmentDocsConfig) -> dict[str, object]:
             replacer.replace(text, cfg.synonym_rate, random.Random(f"{cfg.seed}:{doc_id}:synonyms:{copy}"))[0] for doc_id, text in docs
         ]
     if "backtranslation" in cfg.methods:
-        from lmfoundry.tasks.augment.backtranslate import BackTranslator
-
-        translator = BackTranslator(cfg.backtranslation)
+        translator = _translator(cfg.backtranslation)
         out["backtranslation"] = lambda docs, copy: translator.paraphrase([text for _, text in docs])
     return out
+
+
+@lru_cache(maxsize=1)
+def _translator(cfg: BackTranslationConfig):
+    """Loaded once per process, not once per shard."""
+    from lmfoundry.tasks.augment.backtranslate import BackTranslator
+
+    return BackTranslator(cfg)
 
 
 def augment_shard(cfg: AugmentDocsConfig, out: StageDir, shards: list[tuple[StageRef, str]], index: int) -> None:

@@ -79,3 +79,17 @@ def test_off_by_default_and_near_dedup_then_reads_exact_dedup():
 
     assert not stage("augment_docs").enabled(PipelineConfig())
     assert stage("near_dedup").inputs == ("augment_docs",) and stage("augment_docs").inputs == ("exact_dedup",)
+
+
+def test_backtranslated_documents_are_the_models_round_trip(store, translation_models):
+    from tests.tasks.augment.conftest import direct_round_trip
+
+    forward, backward = translation_models
+    docs = [{"id": "d0", "text": "how do i reset my password ?"}, {"id": "d1", "text": "run it again ! 42"}]
+    cfg = config(methods=["backtranslation"], copies=3, backtranslation={"forward": forward, "backward": backward, "max_new_tokens": 12})
+    outcome = run_stage(store, AUGMENT_DOCS, cfg, [commit_docs(store, [docs])])
+    got = {d["id"]: d["text"] for d in iter_docs(store, [outcome.ref])}
+    expected = {"d0#aug-backtranslation-0": direct_round_trip(forward, backward, docs[0]["text"]),
+                "d1#aug-backtranslation-0": direct_round_trip(forward, backward, "run it again !") + " 42"}
+    assert {k: v for k, v in got.items() if "#aug-" in k} == {k: v for k, v in expected.items() if v != docs[int(k[1])]["text"]}
+    assert outcome.stats["variants"].get("backtranslation", 0) + outcome.stats["unchanged"].get("backtranslation", 0) == 2  # greedy: one copy
