@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from lmfoundry.infra.config_base import Section, execution
+from lmfoundry.infra.config_base import Section, added_later, execution
 
 
 class ReviewConfig(Section):
@@ -20,6 +20,12 @@ class ReviewConfig(Section):
     random_k: int = Field(10, ge=0, description="items drawn uniformly from the rest: an unbiased estimate of the unreviewed remainder's error rate")
     seed: int = Field(0, description="seed of the random share")
     preview_chars: int = Field(600, ge=40, description="characters of each text shown to the reviewer")
+    # added_later: unset, it stays out of the identity, so every version committed before it keeps its hash
+    reward_model: str | None = added_later(
+        None,
+        description="review_pairs only: a reward model trained earlier, as reward_model@<version> (a committed version in this store) "
+        "or a directory with model.safetensors, model_config.json, reward.json; adds rm_margin = r(chosen) - r(rejected) to every pair and its term to the risk",
+    )
     # how the gate waits changes nothing a committed version holds: execution knobs
     timeout_s: int = execution(3600, ge=1, description="seconds the flow waits for a reviewer (on_timeout: proceed_machine_labels)")
     on_timeout: Literal["keep_paused", "proceed_machine_labels"] = execution(

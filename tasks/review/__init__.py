@@ -22,6 +22,15 @@ the same ref and every downstream version stays what it was (tests/tasks/review 
      label `preference` (as_given / swapped); signals: reply lengths in tokens and their
      difference; risk = 0.7 clip((rejected - chosen) / longer, 0, 1) + 0.3 [both replies equal]
      (a chosen reply much shorter than the rejected one is where a length-biased label errs).
+     With `review_pairs.reward_model` (a reward model trained earlier: `reward_model@<version>`
+     in this store, or a directory; tasks/review/reward.py) every pair also gets rm_chosen,
+     rm_rejected and rm_margin = r(chosen) - r(rejected), and
+     risk = 0.5 max(0, tanh(-rm_margin / 2)) + 0.35 clip((rejected - chosen) / longer, 0, 1)
+            + 0.15 [both replies equal],
+     the first term being 2 P(rejected better) - 1 under the Bradley-Terry model the reward
+     model was trained with (0 for a margin >= 0, 0.46 at -1, 0.76 at -2). Unset, the formula
+     above holds exactly and versions stay what they were; a directory's files are hashed into
+     the stage's input fingerprint, a store version is named in the identity.
    Output: annotations.parquet (every item), sample.json (the batch a reviewer sees: the top_k
    highest-risk items, then random_k drawn uniformly by a seeded RNG from the rest).
 2. gate (flow level, flows/review.py, because Prefect pauses only a flow): when the review stage's
@@ -36,7 +45,8 @@ the same ref and every downstream version stays what it was (tests/tasks/review 
    (meta["review"] for documents). Output: the data in its input's format (document shards, or
    preference shards + index.json) and decisions.json: every decision applied (who, when, what,
    which item, from which batch) and the gate's outcome. Stats: reviewed counts, agreement of the
-   machine labels with the reviewers per label, and the error rate of the unreviewed remainder
+   machine labels with the reviewers per label (pairs with a reward model: also `reward_model`,
+   how often the side it prefers is the one the reviewer kept), and the error rate of the unreviewed remainder
    estimated from the random share with a 95% Wilson interval (also in `lmf report`).
 
 Decisions are keyed by content hash (documents: sha256 of the text; pairs: the pair id, a hash of

@@ -108,6 +108,11 @@ def wilson(errors: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
     return round(max(0.0, centre - half), 6), round(min(1.0, centre + half), 6)
 
 
+def rm_preference(margin: float) -> str | None:
+    """The side the reward model prefers, as a `preference` label; a tie prefers neither."""
+    return "as_given" if margin > 0 else "swapped" if margin < 0 else None
+
+
 def review_stats(sampled: list[dict[str, Any]], decided: dict[str, Decision], population: int, kind: str) -> dict[str, Any]:
     """Agreement of machine labels with reviewers, and the remainder's estimated error rate.
 
@@ -115,6 +120,8 @@ def review_stats(sampled: list[dict[str, Any]], decided: dict[str, Decision], po
     that leaves this label as it was); `keep`: the share not rejected. An item is an error when
     the reviewer rejected or relabelled it; the random share is a uniform sample of the items
     outside the top-risk set, so its error rate estimates that of the unreviewed remainder.
+    Pairs with a reward-model margin add `reward_model`: the share of reviewed, not rejected pairs
+    whose preferred side (positive margin: as given) is the one the reviewer kept or swapped to.
     """
     reviewed = [(it, decided[it["content_hash"]]) for it in sampled if it["content_hash"] in decided]
     agreement: dict[str, float | None] = {}
@@ -124,6 +131,10 @@ def review_stats(sampled: list[dict[str, Any]], decided: dict[str, Decision], po
         else:  # a rejected item says nothing about its other labels
             agree = [d.labels.get(label, it["labels"].get(label)) == it["labels"].get(label) for it, d in reviewed if d.decision != "reject"]
         agreement[label] = round(sum(agree) / len(agree), 6) if agree else None
+    scored = [(it, d) for it, d in reviewed if d.decision != "reject" and "rm_margin" in it.get("signals", {})]
+    if scored:  # pairs annotated with review_pairs.reward_model: does the model agree with the reviewed preference?
+        agree = [rm_preference(it["signals"]["rm_margin"]) == d.labels.get("preference", it["labels"]["preference"]) for it, d in scored]
+        agreement["reward_model"] = round(sum(agree) / len(agree), 6)
     randoms = [d for it, d in reviewed if it.get("share") == "random"]
     errors = sum(d.decision != "approve" for d in randoms)
     return {

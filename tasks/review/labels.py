@@ -74,12 +74,22 @@ def pair_signals(chosen_reply: list[int], rejected_reply: list[int]) -> dict[str
 
 
 def pair_risk(signals: dict[str, Any]) -> tuple[float, list[str]]:
+    """Without a reward model: the length and same-reply terms only (the formula versions were
+    committed with). With one (signals["rm_margin"]): a term for the model preferring the rejected
+    side, max(0, tanh(-margin / 2)) = max(0, 2 P_BT(rejected better) - 1) under the Bradley-Terry
+    model the reward_model stage trains, so 0 at a margin >= 0, 0.46 at -1, 0.76 at -2."""
     longer = max(signals["chosen_tokens"], signals["rejected_tokens"], 1)
     shorter_by = min(1.0, max(0.0, -signals["length_diff"] / longer))
-    terms = {
-        f"chosen reply {-signals['length_diff']} tokens shorter": 0.7 * shorter_by,
-        "both replies are the same": 0.3 * bool(signals["same_reply"]),
-    }
+    length_why, same_why = f"chosen reply {-signals['length_diff']} tokens shorter", "both replies are the same"
+    if "rm_margin" not in signals:
+        terms = {length_why: 0.7 * shorter_by, same_why: 0.3 * bool(signals["same_reply"])}
+    else:
+        margin = signals["rm_margin"]
+        terms = {
+            f"reward model prefers the rejected reply (margin {margin:.2f})": 0.5 * max(0.0, math.tanh(-margin / 2)),
+            length_why: 0.35 * shorter_by,
+            same_why: 0.15 * bool(signals["same_reply"]),
+        }
     return round(sum(terms.values()), 6), [why for why, value in terms.items() if value >= 0.1]
 
 

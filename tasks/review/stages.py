@@ -108,10 +108,13 @@ def doc_items(store: Store, refs: list[StageRef], preview: int) -> list[dict[str
     return items
 
 
-def pair_items(store: Store, inputs: list[StageRef], preview: int) -> list[dict[str, Any]]:
+def pair_items(store: Store, inputs: list[StageRef], preview: int, reward_model: str | None = None) -> list[dict[str, Any]]:
+    """Every pair with its labels and signals; with reward_model (review_pairs.reward_model) also
+    rm_chosen, rm_rejected and rm_margin from that model (tasks/review/reward.py)."""
     tok = common.ChatTokenizer.from_inputs(store, inputs, "review_pairs")
     (ref,) = _data_refs(inputs, L.PAIRS)
-    _, rows = read_pairs(store, ref)
+    index, rows = read_pairs(store, ref)
+    margins = iter(_margins(store, reward_model, rows, index["pad_id"])) if reward_model else None
 
     def text(ids: list[int]) -> str:
         out = tok.tokenizer.decode(ids, skip_special_tokens=False)
@@ -122,6 +125,8 @@ def pair_items(store: Store, inputs: list[StageRef], preview: int) -> list[dict[
         for row in rows[split]:
             chosen, rejected = _reply(row, "chosen"), _reply(row, "rejected")
             signals = L.pair_signals(chosen, rejected)
+            if margins is not None:
+                signals.update(next(margins))
             risk, why = L.pair_risk(signals)
             items.append({
                 "item_id": row["id"], "content_hash": row["id"], "risk": risk, "why": why,
@@ -129,6 +134,20 @@ def pair_items(store: Store, inputs: list[StageRef], preview: int) -> list[dict[
                 "preview": {"prompt": text(row["chosen"][: row["prompt_len"]]), "chosen": text(chosen), "rejected": text(rejected)},
             })
     return items
+
+
+def _margins(store: Store, reward_model: str, rows: dict[str, list[dict[str, Any]]], pad_id: int) -> list[dict[str, Any]]:
+    from lmfoundry.tasks.review import reward
+
+    model, _ = reward.load(store, reward_model)
+    return reward.pair_margins(model, [(row["chosen"], row["rejected"]) for split in SPLITS for row in rows[split]], pad_id)
+
+
+def input_fingerprint(cfg: ReviewConfig) -> str:
+    """A reward model given as a directory: its files' hash (a store version is named in the identity)."""
+    from lmfoundry.tasks.review.reward import fingerprint
+
+    return fingerprint(cfg.reward_model)
 
 
 # ------------------------------------------------------------------ annotate
@@ -161,11 +180,13 @@ def _annotate(cfg: ReviewConfig, items: list[dict[str, Any]], out: StageDir, kin
 
 
 def run_annotate_docs(cfg: ReviewConfig, inputs: list[StageRef], out: StageDir, compute: ComputeConfig = ComputeConfig()) -> AnnotateStats:
+    if cfg.reward_model:
+        raise ValueError("review_docs.reward_model: a reward model scores preference pairs only; set review_pairs.reward_model instead")
     return _annotate(cfg, doc_items(out.store, _data_refs(inputs, L.DOCS), cfg.preview_chars), out, L.DOCS)
 
 
 def run_annotate_pairs(cfg: ReviewConfig, inputs: list[StageRef], out: StageDir, compute: ComputeConfig = ComputeConfig()) -> AnnotateStats:
-    return _annotate(cfg, pair_items(out.store, inputs, cfg.preview_chars), out, L.PAIRS)
+    return _annotate(cfg, pair_items(out.store, inputs, cfg.preview_chars, cfg.reward_model), out, L.PAIRS)
 
 
 # ------------------------------------------------------------------ apply
