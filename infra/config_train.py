@@ -72,6 +72,16 @@ class TrainRecipe(Section):
         stall_timeout_s: float = Field(
             1800.0, ge=0, description="the stage watchdog stops the run when its heartbeat and metrics do not advance for this long (infra/heartbeat.py); 0: off"
         )
+        nnodes: int = Field(1, ge=1, description="nodes of a torchrun launch, each running the same command (docs/multinode.md); 1: one node (--standalone)")
+        rdzv_endpoint: str | None = Field(None, description="host:port of torchrun's c10d rendezvous when nnodes > 1: a free port on one of the nodes")
+
+        @model_validator(mode="after")
+        def _check_nodes(self) -> "TrainRecipe.Distributed":
+            if self.nnodes > 1 and (self.launcher != "torchrun" or not self.rdzv_endpoint):
+                raise ValueError("distributed.nnodes > 1 needs launcher: torchrun and rdzv_endpoint: host:port (or launcher deepspeed with a hostfile)")
+            if (self.nnodes > 1 or self.hostfile) and not self.work_dir:
+                raise ValueError("several nodes (distributed.hostfile, or nnodes > 1) need distributed.work_dir: one directory every node mounts at the same path (docs/multinode.md)")
+            return self
 
         @model_validator(mode="before")
         @classmethod
@@ -148,6 +158,20 @@ class TrainRecipe(Section):
     eval_every: int = execution(100, ge=1, description="steps between validation passes (and one at the end)")
     eval_samples: int = execution(256, ge=1, description="validation samples per pass (capped by the val split)")
     checkpoint_every: int = execution(100, ge=1, description="steps between committed checkpoints (and one at the end)")
+    checkpoint_every_s: float = execution(
+        0.0, ge=0, description="also checkpoint when this many seconds passed since the last one (0: off); decided on divergence-check steps"
+    )
+    async_checkpoints: bool = execution(
+        True, description="write checkpoint files in a background thread from a host snapshot; COMPLETE.json still comes last"
+    )
+    divergence_check_every: int = execution(
+        0, ge=0, description="steps between reads of the step losses for the NaN/inf and spike checks (also before every "
+        "checkpoint and log line); a NaN is caught at most this many steps late. 0: 10 on cuda, 1 on cpu",
+    )
+    loss_chunk_tokens: int = execution(
+        -1, ge=-1, description="tokens per chunk of the fused output projection + cross-entropy (no [B, T, V] logits); "
+        "0: full logits (ZeRO-3 always); -1: 4096 on cuda, 0 on cpu (where fp32 logits cost no copy and the numbers stay PyTorch's)",
+    )
     distributed: Distributed = execution(Distributed())
     stability: Stability = Field(Stability(), description="spike detection and what happens on a spike")
 

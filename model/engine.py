@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from lmfoundry.infra.config_train import TrainRecipe
-from lmfoundry.model.objectives import lm_batch_loss
+from lmfoundry.model.objectives import lm_batch_loss, loss_chunk
 from lmfoundry.model.parallel import tensor_parallel_config
 
 
@@ -97,13 +97,15 @@ def build_engine(model: torch.nn.Module, cfg: TrainRecipe, world_size: int, sect
     return engine
 
 
-def micro_steps(engine, batches, loss_fn, record_activations: bool = False, measure_grad_norm=None) -> dict[str, float | None]:
+def device_micro_steps(engine, batches, loss_fn, record_activations: bool = False, measure_grad_norm=None) -> dict[str, Any]:
     """One optimizer step over this rank's micro batches; loss_fn(engine, batch) -> (total, metrics).
 
-    Returns this rank's metrics averaged over the micro batches ("tokens" summed) and the
-    gradient norm. DeepSpeed scales each backward by 1 / accumulation and steps the optimizer
-    (and the schedule) on the last micro batch only."""
-    sums: dict[str, float] = {}
+    Returns this rank's metrics averaged over the micro batches as 0-d float64 tensors on the
+    engine's device (nothing is read back to the host, so a GPU never waits for Python), numbers
+    that were plain Python values ("tokens", summed) as Python numbers, and "grad_norm": DeepSpeed's
+    (a tensor or float), else measure_grad_norm()'s on logging steps, else None. DeepSpeed scales
+    each backward by 1 / accumulation and steps the optimizer (and schedule) on the last micro batch."""
+    sums: dict[str, Any] = {}
     count, measured = 0, None
     for batch in batches:
         count += 1
@@ -115,16 +117,28 @@ def micro_steps(engine, batches, loss_fn, record_activations: bool = False, meas
             measured = measure_grad_norm()
         engine.step()
         for name, value in metrics.items():
-            sums[name] = sums.get(name, 0.0) + (value.item() if isinstance(value, torch.Tensor) else float(value))
-    out: dict[str, float | None] = {name: value if name == "tokens" else value / count for name, value in sums.items()}
-    reported = _float(engine.get_global_grad_norm())
+            value = value.detach().to(torch.float64) if isinstance(value, torch.Tensor) else float(value)
+            sums[name] = value if name not in sums else sums[name] + value
+    out = {name: value if name == "tokens" else value / count for name, value in sums.items()}
+    reported = engine.get_global_grad_norm()
     out["grad_norm"] = reported if reported is not None else measured
     return out
 
 
+def micro_steps(engine, batches, loss_fn, record_activations: bool = False, measure_grad_norm=None) -> dict[str, float | None]:
+    """device_micro_steps() with every number read back as a Python float (PPO, benchmarks): one
+    host read for all of them."""
+    out = device_micro_steps(engine, batches, loss_fn, record_activations, measure_grad_norm)
+    names = [name for name, value in out.items() if isinstance(value, torch.Tensor)]
+    if names:
+        values = torch.stack([out[name].reshape(()).to(torch.float64) for name in names]).tolist()
+        out.update(zip(names, values))
+    return {name: _float(value) if name != "tokens" else value for name, value in out.items()}
+
+
 def engine_step(engine, batches, pad_id: int | None, cfg: TrainRecipe, aux_weight: float, record_activations: bool = False, measure_grad_norm=None) -> dict[str, float | None]:
     """One pretraining step over this rank's token micro batches ([B, T + 1] each); this rank's mean losses."""
-    loss_fn = partial(lm_batch_loss, pad_id=pad_id, label_smoothing=cfg.label_smoothing, aux_weight=aux_weight)
+    loss_fn = partial(lm_batch_loss, pad_id=pad_id, label_smoothing=cfg.label_smoothing, aux_weight=aux_weight, chunk=loss_chunk(cfg))
     local = micro_steps(engine, batches, loss_fn, record_activations, measure_grad_norm)
     return {"loss": local["loss"], "ce": local["ce"], "aux": local["aux"], "grad_norm": local["grad_norm"]}
 

@@ -267,3 +267,80 @@ class TokenLoader:
             first = min(step_start + self.rank * self.batch_size, self.num_samples)
             last = min(first + self.batch_size, self.num_samples)
             yield torch.from_numpy(self.rows(np.arange(first, last, dtype=np.int64)))
+
+
+def pin(batch: Any) -> Any:
+    """A batch (a tensor, or a dict of them) in page-locked memory, so that
+    ``.to("cuda", non_blocking=True)`` is an asynchronous copy; other values pass through."""
+    if isinstance(batch, torch.Tensor):
+        return batch.pin_memory()
+    if isinstance(batch, dict):
+        return {key: pin(value) for key, value in batch.items()}
+    return batch
+
+
+class Prefetcher:
+    """Any training loader (TokenLoader, SftLoader, PreferenceLoader) with its next batch made in a
+    background thread while the current step runs, pinned when the batches go to a GPU::
+
+        loader = Prefetcher(TokenLoader.from_stage(...), pin_memory=device.type == "cuda")
+        batch = next(loader)                      # the same batches, in the same order
+        state = loader.state_dict()               # names the next batch this wrapper will return
+        loader.load_state_dict(state)             # drops the batch made ahead, continues from `state`
+
+    The wrapped loader is only ever used by one thread at a time: a batch is drawn in the worker,
+    and anything else (state, eval_batches, attributes) first waits for that draw to finish.
+    """
+
+    def __init__(self, loader, pin_memory: bool = False):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.loader, self.pin_memory = loader, pin_memory
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self._ahead = None  # (the wrapped loader's state before the batch, future of the batch)
+
+    def _draw(self):
+        batch = next(self.loader)
+        return pin(batch) if self.pin_memory else batch
+
+    def _start(self) -> None:
+        # the wrapped loader is idle here (no draw in flight), so its state is exact
+        self._ahead = (self.loader.state_dict(), self._pool.submit(self._draw))
+
+    def _settle(self) -> None:
+        """Wait for a draw in flight (its error, if any, surfaces at the next __next__)."""
+        if self._ahead is not None:
+            self._ahead[1].exception()
+
+    def __iter__(self) -> "Prefetcher":
+        return self
+
+    def __next__(self):
+        if self._ahead is None:
+            self._start()
+        _, future = self._ahead
+        batch = future.result()
+        self._start()  # the next batch is drawn while the caller trains on this one
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position of the next batch __next__ returns (the one drawn ahead, if any)."""
+        if self._ahead is None:
+            return self.loader.state_dict()
+        return dict(self._ahead[0])
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._settle()
+        self._ahead = None
+        self.loader.load_state_dict(state)
+
+    def close(self) -> None:
+        self._settle()
+        self._ahead = None
+        self._pool.shutdown(wait=True)
+
+    def __getattr__(self, name: str):
+        if name in ("loader", "_ahead", "_pool", "pin_memory"):  # not set yet (during __init__)
+            raise AttributeError(name)
+        self._settle()
+        return getattr(self.loader, name)

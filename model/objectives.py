@@ -32,7 +32,9 @@ from lmfoundry.infra.store import Store
 from lmfoundry.model.chat_loader import PreferenceLoader, SftLoader, segment_ids
 from lmfoundry.model.heads import RewardModel, save_reward_model
 from lmfoundry.model.loader import LoaderError, TokenLoader
-from lmfoundry.model.losses import IGNORE_INDEX, cross_entropy, dpo_loss, lm_loss, masked_targets, reward_loss, sequence_logprobs, split_batch
+from lmfoundry.model.losses import (
+    IGNORE_INDEX, CESums, cross_entropy, dpo_loss, fused_cross_entropy, lm_loss_from_sums, masked_targets, reward_loss, sequence_logprobs, split_batch,
+)
 from lmfoundry.model.transformer import Transformer, load_model, resolve, save_model
 from lmfoundry.model.parallel import local_slice, sp_lm_loss
 
@@ -107,11 +109,32 @@ def unigram_log_probs(blocks: list[np.ndarray], vocab_size: int, pad_id: int | N
     return torch.from_numpy(np.log(counts / counts.sum()))
 
 
-def lm_batch_loss(engine, batch: torch.Tensor, pad_id: int | None, label_smoothing: float, aux_weight: float):
-    """Next-token loss of one token batch [B, T + 1] (padding targets ignored) -> (total, metrics)."""
-    inputs, targets = split_batch(batch.to(engine.device), pad_id)
-    logits, aux = engine(inputs)
-    loss = lm_loss(logits, targets, label_smoothing, aux, aux_weight)
+def loss_chunk(cfg) -> int:
+    """Tokens per chunk of the fused projection + cross-entropy, 0 for full logits (loss_chunk_tokens;
+    -1: 4096 on cuda, 0 on cpu). ZeRO-3 always takes full logits: its lm_head weight is gathered
+    only inside lm_head's own forward."""
+    if cfg.distributed.zero_stage >= 3:
+        return 0
+    if cfg.loss_chunk_tokens < 0:
+        return 4096 if cfg.distributed.accelerator == "cuda" else 0
+    return cfg.loss_chunk_tokens
+
+
+def lm_sums(engine, inputs, targets, label_smoothing: float, chunk: int, *args) -> tuple[CESums, torch.Tensor]:
+    """The model's summed next-token CE on inputs [B, T] (args: positions, segments) and its aux
+    loss: with chunk > 0 the model fuses lm_head with the cross-entropy (no logits), else one
+    pass over the full logits. Smoothed and plain CE come from the same pass either way."""
+    if chunk:
+        return engine(inputs, *args, targets=targets, label_smoothing=label_smoothing, loss_chunk=chunk)
+    logits, aux = engine(inputs, *args)
+    return fused_cross_entropy(logits, targets, label_smoothing), aux
+
+
+def lm_batch_loss(engine, batch: torch.Tensor, pad_id: int | None, label_smoothing: float, aux_weight: float, chunk: int = 0):
+    """Next-token loss of one token batch [B, T + 1] (padding targets ignored) -> (total, metrics);
+    every metric stays a device tensor (no host read)."""
+    inputs, targets = split_batch(batch.to(engine.device, non_blocking=True), pad_id)  # pinned batches copy asynchronously
+    loss = lm_loss_from_sums(*lm_sums(engine, inputs, targets, label_smoothing, chunk), aux_weight)
     return loss.total, {"loss": loss.total.detach(), "ce": loss.ce, "aux": loss.aux, "tokens": inputs.numel()}
 
 
@@ -141,7 +164,7 @@ class Pretrain(Objective):
     def loss(self, engine, batch):
         if self.t.layout.sp > 1:  # this rank's slice of the sequence, the loss weighted over the SP group
             return sp_lm_loss(engine, batch, self.t.layout, self.pad_id, self.cfg.label_smoothing, self.job.model.moe_aux_weight)
-        return lm_batch_loss(engine, batch, self.pad_id, self.cfg.label_smoothing, self.job.model.moe_aux_weight)
+        return lm_batch_loss(engine, batch, self.pad_id, self.cfg.label_smoothing, self.job.model.moe_aux_weight, loss_chunk(self.cfg))
 
     @torch.no_grad()
     def evaluate(self, engine) -> dict[str, float]:
@@ -215,15 +238,15 @@ class Sft(Objective):
         return logits, aux, tokens[:, 1:], mask[:, 1:], inputs.numel()
 
     def loss(self, engine, batch):
-        logits, aux, targets, mask, n_tokens = self.forward(engine, batch)
-        smoothed = assistant_ce(logits, targets, mask, self.cfg.label_smoothing) / self.normaliser
-        if self.cfg.label_smoothing:
-            with torch.no_grad():
-                plain = assistant_ce(logits, targets, mask) / self.normaliser
-        else:
-            plain = smoothed.detach()
+        """Smoothed and plain assistant CE from one pass (fused with lm_head unless ZeRO-3), as sums
+        over the micro batch divided by the step's normaliser; no host read."""
+        tokens, mask, positions = (batch[k].to(self.t.device, non_blocking=True) for k in ("tokens", "loss_mask", "positions"))
+        inputs, pos = tokens[:, :-1], positions[:, :-1]
+        targets = masked_targets(tokens[:, 1:], mask[:, 1:])
+        sums, aux = lm_sums(engine, inputs, targets, self.cfg.label_smoothing, loss_chunk(self.cfg), pos, segment_ids(pos))
+        smoothed = sums.smoothed / self.normaliser
         total = smoothed + self.aux_weight * aux if self.aux_weight else smoothed
-        return total, {"loss": total.detach(), "ce": plain, "aux": aux.detach(), "tokens": n_tokens}
+        return total, {"loss": total.detach(), "ce": sums.plain / self.normaliser, "aux": aux.detach(), "tokens": inputs.numel()}
 
     @torch.no_grad()
     def evaluate(self, engine) -> dict[str, float]:

@@ -23,8 +23,11 @@ Work directory, written by rank 0 (other ranks only add their checkpoint shards)
     final/model.safetensors, final/model_config.json   fp32 weights at the end (+ reward.json)
     DONE.json                          summary, written last
 
-Every step all ranks agree on the loss (one small all-reduce), so a NaN/inf stops every rank
-with the same clear error and the last complete checkpoint stays the one to resume from.
+Every step all ranks agree on the loss (one small all-reduce, kept on the device: model/step_checks.py
+reads the queued steps every ``divergence_check_every`` steps and before each log line, validation
+and checkpoint), so a NaN/inf stops every rank with the same clear error at most that many steps
+late, and the last complete checkpoint, always taken before it, stays the one to resume from.
+Checkpoint files are written by a background thread (model/async_checkpoint.py, ``async_checkpoints``).
 A finite spike (loss or grad norm above a rolling mean + k sigma, model/stability.py; the
 recipe's ``stability`` section) marks the last checkpoint before it ``PROTECTED.json`` (the
 stage's rotation keeps it), then stops with an error naming it, or rolls back to it: the
@@ -35,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -52,12 +54,16 @@ from lmfoundry.infra.config import ModelConfig
 from lmfoundry.infra.config_train import TrainRecipe
 from lmfoundry.infra.heartbeat import beat
 from lmfoundry.infra.store import StageRef, Store
-from lmfoundry.model.cluster import CollectiveTimeout, collective_errors, init_distributed
+from lmfoundry.model.cluster import CollectiveTimeout, check_shared_work_dir, collective_errors, init_distributed
+from lmfoundry.model.universal import load_resharded, needs_reshard, rng_file
 from lmfoundry.model.accel import FLOP_CONVENTION_SHORT as MFU_FLOPS, describe as describe_fast_path, fast_path
 from lmfoundry.model import parallel
+from lmfoundry.model.async_checkpoint import CheckpointWriter, write_torch
+from lmfoundry.model.loader import Prefetcher
 from lmfoundry.model.objectives import OBJECTIVES
 from lmfoundry.model.stability import Spike, StabilityMonitor
-from lmfoundry.model.engine import batch_split, build_engine, lr_at, micro_steps
+from lmfoundry.model.engine import batch_split, build_engine, device_micro_steps, lr_at
+from lmfoundry.model.step_checks import DivergenceError, StepQueue, activation_summary, check_every
 
 COMPLETE = "COMPLETE.json"
 PROTECTED = "PROTECTED.json"  # in a checkpoint: the last one before a spike; rotation keeps it
@@ -84,10 +90,6 @@ class TrainJob(BaseModel):
     @property
     def section(self) -> str:
         return SECTIONS[self.objective]
-
-
-class DivergenceError(RuntimeError):
-    pass
 
 
 # ---------------------------------------------------------------------- pure pieces
@@ -153,11 +155,15 @@ class Trainer:
         self.checkpoints = self.work / "checkpoints"
         if self.rank == 0:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
+        if self.world > 1:  # every rank writes checkpoint shards here and rank 0 commits them: it must be one directory
+            check_shared_work_dir(self.work, self.rank, self.world, self.section)
 
         store = Store(job.store_url, job.storage_options)
         self.micro, self.accumulation = batch_split(self.cfg.global_batch_size, self.layout.dp, self.cfg.distributed.micro_batch_size, self.section)
         self.objective = OBJECTIVES[job.objective](job, self)
         self.loader, self.val = self.objective.loaders(store)
+        # the next batch is drawn (and pinned, on GPUs) in a thread while a step runs; same order and state
+        self.loader = Prefetcher(self.loader, pin_memory=self.device.type == "cuda")
         self.seq_len = self.objective.seq_len
 
         torch.manual_seed(self.cfg.seed)  # the same initial weights on every rank
@@ -178,6 +184,14 @@ class Trainer:
         stab = self.cfg.stability
         self.monitor = StabilityMonitor(stab.window, stab.sigmas, stab.warmup_steps, stab.min_history, stab.min_ratio)
         self.lr_scale, self.rollbacks, self.last_checkpoint = 1.0, 0, None  # scale and count change on rollback
+        # step metrics on the device until a check step; tokens count once per TP group
+        self.queue = StepQueue(self.objective.metrics, self.world // self.layout.tp)
+        self.check_every = check_every(self.cfg.divergence_check_every, self.cfg.distributed.accelerator)
+        self.last_save_time = time.monotonic()
+        # checkpoint files written by a background thread from a host snapshot (COMPLETE.json last)
+        self.writer = CheckpointWriter(self.rank, self.world, threaded=self.cfg.async_checkpoints)
+        self.writer.install(self.engine)
+        self.save_stall_s = 0.0  # time training waited for checkpoints (the snapshot, or the whole write)
         self.objective.prepare(self.engine)  # before a resume: it may need the starting weights
         if job.resume_tag:
             self.resume(job.resume_tag)
@@ -189,20 +203,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def resume(self, tag: str) -> None:
+        if hasattr(self, "writer"):
+            self.writer.wait()  # a rollback may load the checkpoint still being written
         marker = json.loads((self.checkpoints / tag / COMPLETE).read_text())
-        if (marker["world_size"], marker["zero_stage"]) != (self.world, self.cfg.distributed.zero_stage):
-            raise RuntimeError(
-                f"checkpoint {tag} was written by {marker['world_size']} ranks with ZeRO stage {marker['zero_stage']}; "
-                f"this run has {self.world} ranks and stage {self.cfg.distributed.zero_stage}. "
-                f"Resume with the same {self.section}.distributed.procs and zero_stage, or change the config to start afresh."
-            )
-        path, client = self.engine.load_checkpoint(str(self.checkpoints), tag=tag)
+        zero_stage = self.cfg.distributed.zero_stage
+        if needs_reshard(marker, self.world, zero_stage):  # written by another rank count or ZeRO stage: its universal form
+            path, client = load_resharded(self.engine, self.work, self.checkpoints, tag, marker, self.world, zero_stage, self.rank, self.dist.barrier, self.section)
+        else:
+            path, client = self.engine.load_checkpoint(str(self.checkpoints), tag=tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint {tag} under {self.checkpoints}")
         self.step = int(client["step"])
         self.tokens_seen = int(client.get("tokens", 0))
         self.loader.load_state_dict(client["loader"])
-        set_rng_state(torch.load(self.checkpoints / tag / f"rng_rank{self.rank:05d}.pt", weights_only=False))
+        set_rng_state(torch.load(rng_file(self.checkpoints / tag, self.rank, int(marker["world_size"])), weights_only=False))
         self.monitor.load_state_dict(client.get("stability", {}))
         self.lr_scale, self.rollbacks = float(client.get("lr_scale", 1.0)), int(client.get("rollbacks", 0))
         self.last_checkpoint = tag
@@ -214,16 +228,22 @@ class Trainer:
             "step": self.step, "loader": self.loader.state_dict(), "tokens": self.tokens_seen,
             "stability": self.monitor.state_dict(), "lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
         }
-        self.engine.save_checkpoint(str(self.checkpoints), tag=tag, client_state=client)
-        torch.save(rng_state(), self.checkpoints / tag / f"rng_rank{self.rank:05d}.pt")
-        self.dist.barrier()
-        if self.rank == 0:
-            marker = {"step": self.step, "loss": loss, "world_size": self.world, "zero_stage": self.cfg.distributed.zero_stage, "sample": client["loader"]["sample"]}
-            write_json_atomic(self.checkpoints / tag / COMPLETE, marker)
-            self.log(f"checkpoint {tag} saved")
-            self.heartbeat("checkpoint")
-            faults.hit(self.section, "after_checkpoint", self.step)
+        started = time.perf_counter()
+        self.writer.wait()  # one checkpoint in flight at a time; a failed write is raised here
+        self.engine.save_checkpoint(str(self.checkpoints), tag=tag, client_state=client)  # snapshot, files queued
+        self.writer.submit(write_torch, rng_state(), self.checkpoints / tag / f"rng_rank{self.rank:05d}.pt")
+        self.writer.submit(faults.hit, self.section, "checkpoint_write", self.step)  # tests: die mid-write
+        marker = {"step": self.step, "loss": loss, "world_size": self.world, "zero_stage": self.cfg.distributed.zero_stage, "sample": client["loader"]["sample"]}
+        self.writer.finish_checkpoint(self.checkpoints / tag, marker, after=lambda: self.committed(tag, self.step))
+        self.save_stall_s += time.perf_counter() - started
         self.last_checkpoint = tag
+        self.last_save_time = time.monotonic()
+
+    def committed(self, tag: str, step: int) -> None:
+        """Rank 0, once COMPLETE.json is written (in the writer thread when checkpoints are async)."""
+        self.log(f"checkpoint {tag} saved")
+        self.heartbeat("checkpoint")
+        faults.hit(self.section, "after_checkpoint", step)
 
     # ------------------------------------------------------------------ metrics
     def log(self, text: str) -> None:
@@ -259,35 +279,45 @@ class Trainer:
         return tensor.tolist()
 
     # ------------------------------------------------------------------ steps
-    def train_step(self, record_activations: bool) -> dict[str, float | None]:
+    def step_on_device(self, record_activations: bool) -> torch.Tensor:
+        """One optimizer step; its metrics all-reduced into one device vector (StepQueue.pack's
+        order), with no host read: the caller queues it and reads it on a check step."""
         batches = [next(self.loader) for _ in range(self.accumulation)]
         self.objective.begin_step(batches)
-        local = micro_steps(self.engine, batches, self.objective.loss, record_activations, self.plain_grad_norm)
-        names = self.objective.metrics
+        local = device_micro_steps(self.engine, batches, self.objective.loss, record_activations, self.plain_grad_norm)
+        every_s = self.cfg.checkpoint_every_s
+        due = bool(every_s) and time.monotonic() - self.last_save_time >= every_s
         # tokens ride along as a mean (exact in float64), so the step costs one all-reduce
-        *means, tokens = self.all_mean([local[name] for name in names] + [local["tokens"]])
-        metrics = dict(zip(names, means))
-        grad_norm = local["grad_norm"]
-        # every rank sees the same averaged loss and global norm, so all of them stop together;
-        # with fp16 an inf gradient norm is routine (the loss scaler skips that step)
-        bad_norm = grad_norm is not None and not math.isfinite(grad_norm) and self.cfg.precision != "fp16"
-        if not all(math.isfinite(v) for v in means) or bad_norm:
-            loss = metrics["loss"]
-            what = f"loss became {loss}" if not math.isfinite(loss) else (f"gradient norm became {grad_norm}" if bad_norm else f"a metric became non-finite {metrics}")
-            raise DivergenceError(
-                f"{what} at step {self.step + 1}: training diverged. The last good checkpoint is kept; "
-                f"lower {self.section}.lr, raise warmup_steps or use fp32/bf16 instead of fp16, then run again."
-            )
-        # tokens count once per TP group (its ranks see the same batch)
-        return {**metrics, "grad_norm": grad_norm, "tokens": round(tokens * self.world / self.layout.tp)}
+        values = torch.stack(self.queue.pack(local, self.device, due))
+        self.dist.all_reduce(values)
+        return values / self.world
 
-    def plain_grad_norm(self) -> float | None:
+    def train_step(self, record_activations: bool) -> dict[str, float | None]:
+        """One step read back at once (benchmarks): its metrics, checked for NaN/inf."""
+        self.queue.push(self.step + 1, self.step_on_device(record_activations), self.loader.state_dict(), 0.0)
+        return self.queue.read(self.cfg.precision, self.section)[-1].metrics
+
+    def plain_grad_norm(self) -> torch.Tensor | None:
         """DeepSpeed reports the norm only when an optimizer wrapper (ZeRO, bf16/fp16) computes it;
-        plain ZeRO-0 fp32 grads are whole and already averaged over ranks here, so measure them."""
+        plain ZeRO-0 fp32 grads are whole and already averaged over ranks here, so measure them (on the device)."""
         if self.cfg.distributed.zero_stage or self.cfg.precision != "fp32" or self.layout.tp > 1:
             return None  # under tp a rank holds shards: only DeepSpeed's ZeRO norm (zero_stage >= 1) spans them
         norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
-        return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else None
+        return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+
+    def check_queued(self) -> dict[str, Any] | None:
+        """Read the queued steps (one host read), oldest first: a NaN/inf raises DivergenceError, a
+        spike stops or rolls back (then None). Else the newest step's metrics (+ lr, save_due)."""
+        newest = None
+        for step in self.queue.read(self.cfg.precision, self.section):
+            spike = self.monitor.observe(step.number, step.metrics) if self.cfg.stability.enabled else None
+            if spike is not None:
+                self.on_spike(spike, step.loader_state)  # raises (stop) or rolls back to the protected checkpoint
+                return None
+            self.tokens_seen += step.metrics["tokens"]
+            self.interval_tokens += step.metrics["tokens"]
+            newest = step
+        return {**newest.metrics, "lr": newest.lr, "save_due": newest.save_due}
 
     def evaluate(self) -> dict[str, float]:
         self.engine.eval()
@@ -297,30 +327,44 @@ class Trainer:
             self.engine.train()
 
     def run(self) -> dict[str, Any]:
+        """Train to the configured steps; when training stops early (divergence, an error) the
+        checkpoint still being written is finished first, so it is the one to resume from."""
+        try:
+            summary = self.train_loop()
+        except BaseException:
+            self.writer.close(raise_errors=False)
+            raise
+        self.writer.close()
+        return summary
+
+    def train_loop(self) -> dict[str, Any]:
         cfg = self.cfg
         self.log(
             f"{self.job.objective}: {self.n_params / 1e6:.2f}M parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token, {self.world} rank(s) (tp {self.layout.tp}, sp {self.layout.sp}), "
             f"batch {cfg.global_batch_size} = {self.layout.dp} data-parallel x {self.micro} x {self.accumulation} accumulation, seq_len {self.seq_len}, "
             f"train {self.loader.num_samples} samples, val {self.val.num_samples}"
         )
-        interval_start, interval_tokens = time.perf_counter(), 0
+        interval_start, self.interval_tokens = time.perf_counter(), 0
         run_start = time.perf_counter()
         last: dict[str, Any] = {}
         last_saved = self.step
         while self.step < cfg.steps:
             log_now = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.steps
             lr = lr_at(self.step, cfg) * self.lr_scale
-            last = self.train_step(record_activations=log_now)
+            values = self.step_on_device(record_activations=log_now)
             self.step += 1
             self.heartbeat("train")
-            spike = self.monitor.observe(self.step, last) if cfg.stability.enabled else None
-            if spike is not None:
-                self.on_spike(spike)  # raises (stop) or rolls back to the protected checkpoint
+            self.queue.push(self.step, values, self.loader.state_dict(), lr)
+            eval_now = self.step % cfg.eval_every == 0 or self.step == cfg.steps
+            save_now = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
+            if not (log_now or eval_now or save_now or self.step % self.check_every == 0):
+                continue  # the metrics stay queued on the device: no host read this step
+            checked = self.check_queued()  # NaN/inf raises, a spike stops or rolls back
+            if checked is None:
                 continue
-            self.tokens_seen += last["tokens"]
-            interval_tokens += last["tokens"]
+            last = {k: v for k, v in checked.items() if k not in ("lr", "save_due")}
             if log_now:
-                tokens_per_s = interval_tokens / (time.perf_counter() - interval_start)
+                tokens_per_s = self.interval_tokens / (time.perf_counter() - interval_start)
                 record = {
                     "kind": "train",
                     "step": self.step,
@@ -328,7 +372,7 @@ class Trainer:
                     "lr": lr,
                     "tokens": self.tokens_seen,
                     **self.throughput(tokens_per_s),
-                    "activations": [{"mean": m.item(), "std": s.item()} for m, s in self.engine.module.activation_stats],
+                    "activations": activation_summary(self.engine.module.activation_stats),
                 }
                 if self.model_cfg.moe_experts:
                     record["expert_load"] = self.engine.module.expert_load()
@@ -338,14 +382,14 @@ class Trainer:
                     f"step {self.step}/{cfg.steps} loss {last['loss']:.4f}{extra} lr {lr:.2e} grad_norm {record['grad_norm'] or 0:.3f} "
                     f"tokens/s {tokens_per_s:,.0f} (whole run {record['tokens_per_s_wall']:,.0f}) mfu {percent(record['mfu'])}"
                 )
-                interval_start, interval_tokens = time.perf_counter(), 0
-            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                interval_start, self.interval_tokens = time.perf_counter(), 0
+            if eval_now:
                 val = self.evaluate()
                 self.write_metrics({"kind": "val", "step": self.step, **val})
                 self.log(f"step {self.step} " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in val.items()))
                 self.heartbeat("eval")
                 interval_start = time.perf_counter()  # validation time is not training throughput
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+            if save_now or checked["save_due"]:  # always after a check: never a checkpoint past an unread NaN
                 self.save(last["loss"])
                 last_saved = self.step
                 interval_start = time.perf_counter()
@@ -354,9 +398,10 @@ class Trainer:
         return self.finish(time.perf_counter() - run_start)
 
     # ------------------------------------------------------------------ spikes
-    def on_spike(self, spike: Spike) -> None:
+    def on_spike(self, spike: Spike, skip_to: dict[str, Any]) -> None:
         """Protect the last checkpoint before the spike, then stop or roll back to it (every rank alike:
-        they all saw the same all-reduced loss and global norm)."""
+        they all saw the same all-reduced loss and global norm). skip_to: the loader position after
+        the spiking step (it may have been found a few steps later)."""
         stab, tag = self.cfg.stability, self.last_checkpoint
         if tag is not None and self.rank == 0:
             write_json_atomic(self.checkpoints / tag / PROTECTED, {**spike.__dict__, "rollbacks": self.rollbacks})
@@ -365,8 +410,7 @@ class Trainer:
             why = "" if stab.action == "stop" else (f"; {self.rollbacks} rollbacks used ({self.section}.stability.max_rollbacks)" if tag else "; nothing to roll back to")
             other = f" (or set {self.section}.stability.action=rollback with lr_factor < 1)" if stab.action == "stop" else ""
             raise DivergenceError(f"training is diverging: {spike.describe()}{why}. {where}: resume from it with a lower {self.section}.lr{other}.")
-        skip_to = self.loader.state_dict()  # past the batches that led to the spike: they are skipped
-        spike_step = self.step
+        spike_step = spike.step  # the batches up to it are skipped (skip_to), later ones drawn again
         self.log(f"spike: {spike.describe()}; rolling back to {tag}")
         rollbacks, scale = self.rollbacks + 1, self.lr_scale * stab.lr_factor  # both compound over rollbacks
         self.resume(tag)
@@ -388,6 +432,7 @@ class Trainer:
 
         With ZeRO >= 1 they come from the optimizer's fp32 master copy in the checkpoint; with
         ZeRO-0 from the module itself (so bf16/fp16 training exports its rounded weights)."""
+        self.writer.wait()  # the final checkpoint is whole before it is exported or reported
         extra = self.objective.finalize(self.engine)  # every rank: it may run the model
         tag = step_tag(self.step)
         if self.layout.tp > 1:  # AutoTP shards: gathered by every rank, whole on rank 0 (the module's weights)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmfoundry.infra.config import ModelConfig
+from lmfoundry.model.losses import fused_cross_entropy, linear_cross_entropy
 from lmfoundry.model.checkpointing import OFF, checkpointed, parse_policy, run_block
 from lmfoundry.model.lsh_attention import LSHAttention, keys_per_query
 from lmfoundry.model.moe import MoE
@@ -232,14 +233,23 @@ class Transformer(nn.Module):
         segments: torch.Tensor | None = None,
         return_hidden: bool = False,
         cache: "KVCache | None" = None,
+        targets: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
+        loss_chunk: int = 4096,
     ):
         """tokens [B, T] -> logits [B, T, V], mean MoE balance loss over MoE layers (0 when dense);
         with return_hidden also the final normed hidden states [B, T, D] (what lm_head reads).
+        With targets [B, T]: (CESums, aux) instead, the output projection fused with the
+        cross-entropy `loss_chunk` tokens at a time (model/losses.py): no [B, T, V] logits.
 
         positions [B, T]: rotary position of each token (default 0..T-1); segments [B, T]: tokens
         attend only to earlier tokens of the same segment (default: one segment per row).
         cache: the tokens follow the cache's filled slots (positions and segments required)."""
         hidden, aux = self.hidden_states(tokens, positions, segments, cache)
+        if targets is not None:
+            if type(self.lm_head) is nn.Linear:  # not replaced by a tensor-parallel layer: fuse it with the loss
+                return linear_cross_entropy(hidden, self.lm_head.weight, targets, label_smoothing, loss_chunk), aux
+            return fused_cross_entropy(self.lm_head(hidden), targets, label_smoothing, loss_chunk), aux
         logits = self.lm_head(hidden)  # [B, T, V]
         return (logits, aux, hidden) if return_hidden else (logits, aux)
 
