@@ -123,11 +123,12 @@ def side_scores(model, sides: list[list[int]], pad_id: int, batch_size: int = 16
 
 def pair_margins(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 16) -> list[dict[str, Any]]:
     """Per pair (chosen sequence, rejected sequence): {"rm_chosen", "rm_rejected", "rm_margin"}.
-    Both sides of a pair go into the same forward, so batching never splits a margin."""
+    The sides are scored in order, batch_size sequences per forward (padding never changes a score:
+    attention is causal and each side is read at its own last token)."""
     sides = [ids for pair in pairs for ids in pair]
     if any(not ids for ids in sides):
         raise RewardModelError(f"{FIELD}: a preference pair has an empty side; rebuild the preference_data stage")
-    scores = side_scores(model, sides, pad_id, batch_size + batch_size % 2)
+    scores = side_scores(model, sides, pad_id, batch_size)
     out = []
     for i in range(len(pairs)):
         chosen, rejected = scores[2 * i], scores[2 * i + 1]

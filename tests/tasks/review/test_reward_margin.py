@@ -1,7 +1,8 @@
 """Reward-model margin of preference pairs in annotate_pairs (issue 21, review_pairs.reward_model):
-the risk term on planted margins, margins against a per-sequence reference, the model named as a
+the risk term on planted margins, margins of a reward model whose reward is a planted function of
+the tokens (computed by hand in the test), the model named as a
 directory or as a store version (both in the stage's identity), agreement with reviewers, and
-clear errors. Tiny models (d_model 16, one layer): well under a minute on CPU."""
+clear errors. A tiny model (d_model 16, one layer): a few seconds on CPU."""
 from __future__ import annotations
 
 import json
@@ -62,21 +63,41 @@ def test_reward_model_agreement_with_reviewers():
 # ------------------------------------------------------------------ through the stages
 
 
-def tiny_reward_model(directory, head_scale: float = 0.2, vocab: int = VOCAB) -> RewardModel:
-    """A random tiny reward model (seeded) with a head large enough for margins of order 1."""
-    torch.manual_seed(0)
-    rm = RewardModel(resolve(ModelConfig(d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_hidden=32, init_std=0.5), vocab))
-    with torch.no_grad():
-        rm.score.weight.copy_(torch.randn_like(rm.score.weight) * head_scale)
+SCALE = 1.5  # the head's weight: margins of order 1, where tanh is not flat
+
+
+def planted_reward_model(directory, sign: float = 1.0, vocab: int = VOCAB) -> RewardModel:
+    """A reward model whose reward is a closed-form function of its tokens (planted_reward):
+    queries and keys zero, so the last token attends uniformly to every token; the embedding of
+    token t is (cos t, sin t, 0...) (constant norm, so the first RMSNorm scales every token
+    alike); V and O copy the normed sin t into residual dim 2; the MLP adds nothing; the head
+    reads dim 2 after the final RMSNorm."""
+    rm = RewardModel(resolve(ModelConfig(d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_hidden=32), vocab))
+    state = {k: torch.zeros_like(v) for k, v in rm.state_dict().items()}
+    for k in state:
+        if k.endswith("norm.weight"):
+            state[k].fill_(1.0)
+    t = torch.arange(vocab, dtype=torch.float32)
+    state["model.embed_tokens.weight"][:, 0], state["model.embed_tokens.weight"][:, 1] = torch.cos(t), torch.sin(t)
+    state["model.lm_head.weight"] = state["model.embed_tokens.weight"]  # tied
+    state["model.layers.0.self_attn.v_proj.weight"][0, 1] = 1.0
+    state["model.layers.0.self_attn.o_proj.weight"][2, 0] = 1.0
+    state["score.weight"][0, 2] = sign * SCALE
+    rm.load_state_dict(state)
     save_reward_model(rm.state_dict(), rm.cfg, directory, {"mean": 0.0, "std": 1.0})
     return rm.eval()
 
 
-def reference_margin(rm: RewardModel, row: dict) -> float:
-    """Each side alone, unpadded: independent of the stage's batching, padding and side order."""
-    with torch.no_grad():
-        score = [rm(torch.tensor([row[side]]), torch.tensor([len(row[side])]))[0].item() for side in ("chosen", "rejected")]
-    return score[0] - score[1]
+def planted_reward(ids: list[int], eps: float = 1e-5) -> float:
+    """By hand: the last position holds (cos, sin, k mean_j sin t_j, 0...) with k = 1/rms of an
+    embedding row; the final RMSNorm divides by sqrt(mean of squares + eps)."""
+    k = 1 / math.sqrt(1 / 16 + eps)
+    s = k * sum(math.sin(t) for t in ids) / len(ids)
+    return SCALE * s / math.sqrt((1 + s * s) / 16 + eps)
+
+
+def reference_margin(row: dict) -> float:
+    return planted_reward(row["chosen"]) - planted_reward(row["rejected"])
 
 
 def hand_risk(row: dict, margin: float) -> float:
@@ -94,7 +115,7 @@ def commit_reward_model(store, directory, version: str):
 
 @pytest.fixture
 def pairs(store, tokenizer_ref, tmp_path):
-    rows = [{"prompt": f"Question {i}?", "chosen": "Yes. " * (i % 4 + 1), "rejected": "No, " * (7 - i % 5) + "x" * i} for i in range(10)]
+    rows = [{"prompt": f"Question {i}?", "chosen": "Yes. " * (i % 4 + 1), "rejected": ("No, " if i % 2 else "Okay ") * (7 - i % 5) + "x" * i} for i in range(10)]
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     base = {"preference_data": {"sources": [{"paths": [str(path)]}], "val_fraction": 0.0}}
@@ -112,13 +133,13 @@ def annotate(store, base, pairs_ref, tokenizer_ref, **section):
 def test_margins_risk_and_identity_with_a_reward_model(store, tokenizer_ref, pairs, tmp_path):
     base, pairs_ref = pairs
     rows = {r["id"]: r for r in read_split(store, pairs_ref, "train").to_pylist()}
-    rm = tiny_reward_model(tmp_path / "rm")
+    planted_reward_model(tmp_path / "rm")
     _, plain, plain_items = annotate(store, base, pairs_ref, tokenizer_ref)
     assert all("rm_margin" not in it["signals"] for it in plain_items.values())
 
     cfg, scored, items = annotate(store, base, pairs_ref, tokenizer_ref, reward_model=str(tmp_path / "rm"))
     assert scored.ref.version != plain.ref.version and cfg.review_pairs.identity()["reward_model"] == str(tmp_path / "rm")
-    margins = {i: reference_margin(rm, rows[i]) for i in rows}
+    margins = {i: reference_margin(rows[i]) for i in rows}
     assert sum(m < -0.5 for m in margins.values()) >= 2 and sum(m > 0.5 for m in margins.values()) >= 2  # both signs planted
     for i, it in items.items():
         s = it["signals"]
@@ -136,8 +157,8 @@ def test_margins_risk_and_identity_with_a_reward_model(store, tokenizer_ref, pai
     assert {i: it["signals"] for i, it in stored_items.items()} == {i: it["signals"] for i, it in items.items()}
     assert len({plain.ref.version, scored.ref.version, stored.ref.version}) == 3
 
-    # retrained in place (planted: the head negated): the fingerprint sees it, every margin flips
-    tiny_reward_model(tmp_path / "rm", head_scale=-0.2)
+    # retrained in place (the head negated): the fingerprint sees it, every margin flips
+    planted_reward_model(tmp_path / "rm", sign=-1.0)
     _, flipped, flipped_items = annotate(store, base, pairs_ref, tokenizer_ref, reward_model=str(tmp_path / "rm"))
     assert flipped.ref.version != scored.ref.version and flipped.status == "ran"
     for i, it in flipped_items.items():
@@ -162,7 +183,7 @@ def test_unreadable_reward_model_errors_name_the_field(store, tokenizer_ref, pai
         annotate(store, base, pairs_ref, tokenizer_ref, reward_model=str(tmp_path / "nowhere"))
     with pytest.raises(RewardModelError, match="review_pairs.reward_model: stage 'reward_model' version 0123456789abcdef is not committed in"):
         annotate(store, base, pairs_ref, tokenizer_ref, reward_model="reward_model@0123456789abcdef")
-    tiny_reward_model(tmp_path / "small", vocab=40)
+    planted_reward_model(tmp_path / "small", vocab=40)
     with pytest.raises(RewardModelError, match="the reward model's vocabulary has 40: it was trained with another tokenizer"):
         annotate(store, base, pairs_ref, tokenizer_ref, reward_model=str(tmp_path / "small"))
     (tmp_path / "small" / "model.safetensors").write_bytes(b"not weights")
