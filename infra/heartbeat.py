@@ -9,8 +9,9 @@ heartbeat nor ``metrics.jsonl`` changed for ``distributed.stall_timeout_s`` seco
 launcher's whole process group and raises naming the stage, the last step and phase seen, the
 timeout and the last committed checkpoint, which is kept, so running the stage again resumes.
 Until the first heartbeat of an attempt, a new output line of the launcher counts as progress
-too: starting (imports, rendezvous, JIT-built ops, the engine) takes a while and prints as it
-goes; a start that goes silent for the timeout is stopped like a stalled step.
+too, and the allowed silence is at least ``START_GRACE_S``: starting (imports, rendezvous, ops
+DeepSpeed JIT-builds on a first launch, a first compiled step) is slow and often silent for
+minutes, while a stalled step is best caught sooner.
 
 A hung collective is caught first, inside the ranks, by ``distributed.collective_timeout_s``
 (model/cluster.py); the watchdog catches everything else (a stuck data read, a dead node the
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 HEARTBEAT = "heartbeat.json"
+START_GRACE_S = 600.0  # the least silence allowed before the first step (a first launch compiles ops silently)
 WATCHED = (HEARTBEAT, "metrics.jsonl")
 
 
@@ -46,8 +48,10 @@ def read_beat(work: str | Path) -> dict[str, Any]:
 class StallWatch:
     """Stops a launched run whose heartbeat stops: ``check`` once per poll of the launcher."""
 
-    def __init__(self, work: Path, timeout_s: float, section: str, error: type[Exception] = RuntimeError):
+    def __init__(self, work: Path, timeout_s: float, section: str, error: type[Exception] = RuntimeError, start_grace_s: float = START_GRACE_S):
         self.work, self.timeout_s, self.section, self.error = Path(work), timeout_s, section, error
+        self.start_grace_s = start_grace_s
+        self.stepping = False  # a heartbeat or metrics line of this attempt has been seen
         self.started = time.time()  # a heartbeat left by an earlier attempt is older than this
         self.last_line: object = None  # the newest launcher output line seen (by identity)
         self.last_output: float | None = None  # when it appeared
@@ -60,7 +64,8 @@ class StallWatch:
                 times.append((self.work / name).stat().st_mtime)
             except FileNotFoundError:
                 pass
-        if max(times) == self.started:  # no step yet: the start's output lines show it is alive
+        self.stepping = max(times) > self.started
+        if not self.stepping:  # no step yet: the start's output lines show it is alive
             if output and output[-1] is not self.last_line:
                 self.last_line, self.last_output = output[-1], time.time()
             times.append(self.last_output or self.started)
@@ -71,7 +76,8 @@ class StallWatch:
         if not self.timeout_s:
             return None
         quiet = time.time() - self.last_progress(output)
-        return quiet if quiet > self.timeout_s else None
+        limit = self.timeout_s if self.stepping else max(self.timeout_s, self.start_grace_s)
+        return quiet if quiet > limit else None
 
     def check(self, stop: Callable[[], None], committed: list[str], output: Sequence[str] = ()) -> None:
         """Raise (after ``stop()``, which must kill every rank) when the run has stalled; ``output``:
@@ -80,11 +86,12 @@ class StallWatch:
         if quiet is None:
             return
         stop()
-        seen = read_beat(self.work)
+        seen = read_beat(self.work) if self.stepping else {}
         where = f"step {seen['step']} ({seen.get('phase', 'train')})" if seen else "no step (it never reported one)"
         kept = f"committed checkpoint {committed[-1]} is kept: run the stage again to resume from it" if committed else "no checkpoint was committed yet"
+        limit = f"{self.section}.distributed.stall_timeout_s={self.timeout_s:g}" + ("" if self.stepping else f", at least {self.start_grace_s:g}s before the first step")
         raise self.error(
-            f"{self.section} training stalled: no progress for {quiet:.0f}s (> {self.section}.distributed.stall_timeout_s={self.timeout_s:g}); "
+            f"{self.section} training stalled: no progress for {quiet:.0f}s (> {limit}); "
             f"the last progress seen was {where}. Every rank was stopped; {kept}. If steps are legitimately this slow "
             f"(a long compile, a huge evaluation), raise {self.section}.distributed.stall_timeout_s."
         )

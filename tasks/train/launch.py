@@ -80,7 +80,7 @@ def launch_command(dist: TrainRecipe.Distributed, job_path: str | Path, port: in
     if dist.launcher == "torchrun":
         if dist.hostfile:
             raise TrainInputError(f"{section}.distributed.hostfile needs launcher 'deepspeed'; torchrun takes one node per command")
-        return [sys.executable, "-u", "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={dist.procs}", *trainer]
+        return [sys.executable, "-u", "-m", "torch.distributed.run", *(["--standalone"] if dist.nnodes == 1 else [f"--nnodes={dist.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={dist.rdzv_endpoint}"]), f"--nproc_per_node={dist.procs}", *trainer]  # several nodes: c10d rendezvous
     cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--master_port", str(port), "--num_gpus", str(dist.procs)]
     if dist.hostfile:
         cmd += ["--hostfile", dist.hostfile]

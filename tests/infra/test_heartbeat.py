@@ -51,7 +51,7 @@ def test_metrics_lines_count_as_progress(tmp_path):
 
 
 def test_before_the_first_beat_output_lines_count_then_silence_stops(tmp_path):
-    watch = StallWatch(tmp_path, 10, "pretrain", Stalled)
+    watch = StallWatch(tmp_path, 10, "pretrain", Stalled, start_grace_s=20)
     watch.started -= 60
     tail = ["starting"]
     assert watch.stalled_for(tail) is None  # a new line: alive
@@ -60,7 +60,7 @@ def test_before_the_first_beat_output_lines_count_then_silence_stops(tmp_path):
     assert quiet is not None and quiet > 25
     tail.append("engine built")
     assert watch.stalled_for(tail) is None
-    with pytest.raises(Stalled, match="no step \\(it never reported one\\).*no checkpoint was committed yet"):
+    with pytest.raises(Stalled, match="at least 20s before the first step.*no step \\(it never reported one\\).*no checkpoint was committed yet"):
         watch.last_output = time.time() - 30
         watch.check(lambda: None, [], tail)
 
@@ -68,7 +68,17 @@ def test_before_the_first_beat_output_lines_count_then_silence_stops(tmp_path):
 def test_a_heartbeat_of_an_earlier_attempt_is_not_progress_and_zero_is_off(tmp_path):
     beat(tmp_path, 9)
     age(tmp_path / HEARTBEAT, 300)
-    watch = StallWatch(tmp_path, 10, "pretrain", Stalled)
+    watch = StallWatch(tmp_path, 10, "pretrain", Stalled, start_grace_s=30)
     watch.started -= 60
     assert watch.stalled_for() is not None  # older than the launch: not this attempt's progress
+    assert StallWatch(tmp_path, 10, "pretrain").stalled_for() is None  # a fresh start has its grace
     assert StallWatch(tmp_path, 0, "pretrain").stalled_for() is None
+
+
+def test_the_start_gets_its_grace_then_steps_the_timeout(tmp_path):
+    watch = StallWatch(tmp_path, 10, "pretrain", Stalled, start_grace_s=120)
+    watch.started -= 60  # a minute of silent start (imports, a JIT build): within the grace
+    assert watch.stalled_for() is None
+    beat(tmp_path, 1)
+    age(tmp_path / HEARTBEAT, 30)  # but once stepping, 30 s without a step is a stall
+    assert watch.stalled_for() is not None

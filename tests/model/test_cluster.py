@@ -1,5 +1,6 @@
-"""The collective timeout (model/cluster.py) with two real gloo ranks: rank 1 stops taking part,
-rank 0's all-reduce fails within distributed.collective_timeout_s with an error that names it."""
+"""model/cluster.py with two real gloo ranks: rank 1 stops taking part, rank 0's all-reduce fails
+within distributed.collective_timeout_s with an error that names it; ranks with separate work
+directories (two nodes without a shared filesystem) fail the shared-directory check together."""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -10,7 +11,7 @@ import time
 import pytest
 
 from lmfoundry.infra.config_train import TrainRecipe
-from lmfoundry.model.cluster import CollectiveTimeout, collective_errors, is_collective_timeout
+from lmfoundry.model.cluster import CollectiveTimeout, SharedDirError, collective_errors, is_collective_timeout
 
 TIMEOUT = 3.0
 
@@ -70,3 +71,56 @@ def test_only_timeouts_are_rewritten():
     with pytest.raises(RuntimeError, match="^CUDA out of memory$"):
         with collective_errors("sft", 1.0, 0):
             raise RuntimeError("CUDA out of memory")
+
+
+def shared_dir_rank(rank: int, port: int, root: str, results) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    from pathlib import Path
+
+    from lmfoundry.model.cluster import check_shared_work_dir, init_distributed
+
+    init_distributed(TrainRecipe.Distributed(collective_timeout_s=60))
+    outcome = []
+    for work in (Path(root) / f"node{rank}", Path(root) / "shared"):  # separate directories, then one
+        try:
+            check_shared_work_dir(work, rank, 2, "pretrain")
+            outcome.append("ok")
+        except SharedDirError as exc:
+            outcome.append(str(exc))
+    results.put((rank, outcome))
+
+
+def test_ranks_without_a_shared_work_dir_fail_together(tmp_path):
+    (tmp_path / "node0" / ".ranks").mkdir(parents=True)
+    (tmp_path / "node0" / ".ranks" / "rank-00001").write_text("an earlier launch's token")  # stale: must not count
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=shared_dir_rank, args=(rank, port, str(tmp_path), results), daemon=True) for rank in (0, 1)]
+    for proc in procs:
+        proc.start()
+    try:
+        outcomes = dict(results.get(timeout=120) for _ in procs)
+    finally:
+        for proc in procs:
+            proc.join(30)
+            proc.kill()
+    for rank in (0, 1):
+        separate, shared = outcomes[rank]
+        assert separate.startswith("pretrain.distributed.work_dir is not shared by every rank: rank 0 (host "), separate
+        assert "sees no marker of rank(s) [1]" in separate and str(tmp_path / "node0") in separate and "set pretrain.distributed.work_dir" in separate
+        assert shared == "ok"
+    assert sorted(p.name for p in (tmp_path / "shared" / ".ranks").iterdir()) == ["rank-00000", "rank-00001"]
+
+
+def test_several_nodes_need_a_rendezvous_and_a_shared_work_dir():
+    from lmfoundry.tasks.train.launch import launch_command
+
+    dist = TrainRecipe.Distributed(launcher="torchrun", procs=8, nnodes=2, rdzv_endpoint="node0:29400", work_dir="/shared/lmf", accelerator="cuda")
+    cmd = launch_command(dist, "/shared/lmf/v1/job.json", 0)
+    assert cmd[1:9] == ["-u", "-m", "torch.distributed.run", "--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29400", "--nproc_per_node=8", "-m"]
+    assert "--standalone" in launch_command(TrainRecipe.Distributed(launcher="torchrun"), "job.json", 0)
+    with pytest.raises(ValueError, match="nnodes > 1 needs launcher: torchrun and rdzv_endpoint"):
+        TrainRecipe.Distributed(launcher="torchrun", nnodes=2, work_dir="/shared/lmf")
+    with pytest.raises(ValueError, match="several nodes .* need distributed.work_dir"):
+        TrainRecipe.Distributed(hostfile="/etc/hosts.ds")

@@ -169,7 +169,7 @@ def test_launch_commands():
     job = "/w/job.json"
     ds = launch_command(PretrainConfig.Distributed(procs=2), job, 29500)
     assert ds[1:] == ["-u", "-m", "deepspeed.launcher.runner", "--master_port", "29500", "--num_gpus", "2", "--module", "lmfoundry.model.train", "--job", job]
-    multi = launch_command(PretrainConfig.Distributed(procs=8, hostfile="/etc/hosts.ds", accelerator="cuda", backend="nccl"), job, 29500)
+    multi = launch_command(PretrainConfig.Distributed(procs=8, hostfile="/etc/hosts.ds", accelerator="cuda", backend="nccl", work_dir="/shared/lmf"), job, 29500)
     assert multi[multi.index("--hostfile") + 1] == "/etc/hosts.ds"
     torchrun = launch_command(PretrainConfig.Distributed(launcher="torchrun", procs=2), job, 0)
     assert torchrun[1:] == ["-u", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lmfoundry.model.train", "--job", job]
