@@ -54,7 +54,8 @@ from lmfoundry.infra.config import ModelConfig
 from lmfoundry.infra.config_train import TrainRecipe
 from lmfoundry.infra.heartbeat import beat
 from lmfoundry.infra.store import StageRef, Store
-from lmfoundry.model.cluster import CollectiveTimeout, collective_errors, init_distributed
+from lmfoundry.model.cluster import CollectiveTimeout, check_shared_work_dir, collective_errors, init_distributed
+from lmfoundry.model.universal import load_resharded, needs_reshard, rng_file
 from lmfoundry.model.accel import FLOP_CONVENTION_SHORT as MFU_FLOPS, describe as describe_fast_path, fast_path
 from lmfoundry.model import parallel
 from lmfoundry.model.async_checkpoint import CheckpointWriter, write_torch
@@ -154,6 +155,8 @@ class Trainer:
         self.checkpoints = self.work / "checkpoints"
         if self.rank == 0:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
+        if self.world > 1:  # every rank writes checkpoint shards here and rank 0 commits them: it must be one directory
+            check_shared_work_dir(self.work, self.rank, self.world, self.section)
 
         store = Store(job.store_url, job.storage_options)
         self.micro, self.accumulation = batch_split(self.cfg.global_batch_size, self.layout.dp, self.cfg.distributed.micro_batch_size, self.section)
@@ -203,19 +206,17 @@ class Trainer:
         if hasattr(self, "writer"):
             self.writer.wait()  # a rollback may load the checkpoint still being written
         marker = json.loads((self.checkpoints / tag / COMPLETE).read_text())
-        if (marker["world_size"], marker["zero_stage"]) != (self.world, self.cfg.distributed.zero_stage):
-            raise RuntimeError(
-                f"checkpoint {tag} was written by {marker['world_size']} ranks with ZeRO stage {marker['zero_stage']}; "
-                f"this run has {self.world} ranks and stage {self.cfg.distributed.zero_stage}. "
-                f"Resume with the same {self.section}.distributed.procs and zero_stage, or change the config to start afresh."
-            )
-        path, client = self.engine.load_checkpoint(str(self.checkpoints), tag=tag)
+        zero_stage = self.cfg.distributed.zero_stage
+        if needs_reshard(marker, self.world, zero_stage):  # written by another rank count or ZeRO stage: its universal form
+            path, client = load_resharded(self.engine, self.work, self.checkpoints, tag, marker, self.world, zero_stage, self.rank, self.dist.barrier, self.section)
+        else:
+            path, client = self.engine.load_checkpoint(str(self.checkpoints), tag=tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint {tag} under {self.checkpoints}")
         self.step = int(client["step"])
         self.tokens_seen = int(client.get("tokens", 0))
         self.loader.load_state_dict(client["loader"])
-        set_rng_state(torch.load(self.checkpoints / tag / f"rng_rank{self.rank:05d}.pt", weights_only=False))
+        set_rng_state(torch.load(rng_file(self.checkpoints / tag, self.rank, int(marker["world_size"])), weights_only=False))
         self.monitor.load_state_dict(client.get("stability", {}))
         self.lr_scale, self.rollbacks = float(client.get("lr_scale", 1.0)), int(client.get("rollbacks", 0))
         self.last_checkpoint = tag
