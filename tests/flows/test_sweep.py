@@ -61,6 +61,7 @@ def preset(tmp_path, store: Store, **sweep) -> str:
         "pretrain": {
             "steps": 20, "global_batch_size": 8, "lr": HIGH, "min_lr": 1e-6, "warmup_steps": 2, "export_hf": False,
             "log_every": 5, "eval_every": 5, "checkpoint_every": 10, "eval_samples": 16, "stability": {"enabled": False},
+            "distributed": {"launcher": "torchrun"},  # one interpreter fewer to start per trial than deepspeed's launcher
         },
         "sweep": {
             "objective": {"metric": "val_loss", "direction": "minimize"}, "sampler": "random", "pruner": "none", "seed": 0,
