@@ -18,7 +18,7 @@ Dispatch: the N * k (token, expert) slots are sorted by expert, so each expert's
 one contiguous segment of a [N * k, D] matrix. On CUDA in bf16 on sm90+ (``dispatch="auto"``)
 the experts then run as two grouped GEMMs (``torch._grouped_mm``: gate and up projections
 together, then down) over the expert weights stacked per forward, no Python loop over
-experts. Elsewhere (CPU, where ``torch._grouped_mm`` runs but is slower than plain matmuls,
+experts. Elsewhere (CPU, where ``torch._grouped_mm`` runs but was not faster than plain matmuls,
 or fp32 on GPUs) each expert's module runs on its contiguous segment. Either way every
 expert's weights enter the graph on every rank (data-parallel gradient reduction never waits
 on a missing one), and each token's routed outputs are added in expert order, as before.
