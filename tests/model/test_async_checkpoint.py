@@ -9,7 +9,6 @@ point, from which the run finishes exactly as an unbroken one. Run:
 from __future__ import annotations
 
 import json
-import os
 import threading
 
 import pytest
@@ -19,6 +18,7 @@ from lmfoundry.infra.config import ModelConfig, PretrainConfig
 from lmfoundry.infra.store import Store
 from lmfoundry.model.async_checkpoint import host_snapshot
 from tests.model.token_fixtures import commit_tokens, markov_tokens
+from tests.model.conftest import one_rank_world
 
 VOCAB, SEQ = 48, 16
 MODEL = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)
@@ -26,20 +26,11 @@ MODEL = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from lmfoundry.model.engine import init_single_process
-
-    saved = dict(os.environ)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    init_single_process()
-    root = tmp_path_factory.mktemp("ckpt")
-    store = Store(str(root / "store"))
-    ref = commit_tokens(store, markov_tokens(128, SEQ, VOCAB, seed=0), markov_tokens(16, SEQ, VOCAB, seed=1), VOCAB)
-    yield store, ref, root
-    os.environ.clear()
-    os.environ.update(saved)
-    torch.set_num_threads(threads)
+    with one_rank_world():
+        root = tmp_path_factory.mktemp("ckpt")
+        store = Store(str(root / "store"))
+        ref = commit_tokens(store, markov_tokens(128, SEQ, VOCAB, seed=0), markov_tokens(16, SEQ, VOCAB, seed=1), VOCAB)
+        yield store, ref, root
 
 
 def trainer(world, name: str, resume_tag: str | None = None, **fields):

@@ -18,12 +18,8 @@ VOCAB = 71
 POLICIES = ("off", "all", "every:2", "attention")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one torch thread (tests/model/conftest.py): on two shared cores intra-op threads spin against other processes
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model(**overrides) -> Transformer:

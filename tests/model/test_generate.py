@@ -12,12 +12,8 @@ VOCAB, PAD = 61, 0
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23]]  # different lengths: rows 2 and 3 get left padding
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one torch thread (tests/model/conftest.py): on two shared cores intra-op threads spin against other processes
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**overrides) -> Transformer:

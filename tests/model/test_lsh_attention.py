@@ -15,12 +15,8 @@ from lmfoundry.model.transformer import Transformer, resolve
 VOCAB = 61
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one torch thread (tests/model/conftest.py): on two shared cores intra-op threads spin against other processes
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lsh_model(seed: int = 0, **overrides) -> Transformer:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from lmfoundry.infra.store import Store
 from lmfoundry.model.objectives import assistant_ce
 from lmfoundry.model.transformer import Transformer, load_model, resolve, save_model
 from tests.model.chat_fixtures import VOCAB, commit_preference_data, commit_sft_data, conversation, separable_pairs
+from tests.model.conftest import one_rank_world
 
 SEQ = 32
 
@@ -27,21 +27,12 @@ SEQ = 32
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """One rank in this process (what a launcher sets up); the environment is restored afterwards."""
-    from lmfoundry.model.engine import init_single_process
-
-    saved = dict(os.environ)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    init_single_process()
-    root = tmp_path_factory.mktemp("objectives")
-    torch.manual_seed(0)
-    base = Transformer(resolve(ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2), VOCAB))
-    save_model(base.state_dict(), base.cfg, root / "base")
-    yield Store(str(root / "store")), root
-    os.environ.clear()
-    os.environ.update(saved)
-    torch.set_num_threads(threads)
+    with one_rank_world():
+        root = tmp_path_factory.mktemp("objectives")
+        torch.manual_seed(0)
+        base = Transformer(resolve(ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2), VOCAB))
+        save_model(base.state_dict(), base.cfg, root / "base")
+        yield Store(str(root / "store")), root
 
 
 def run(world, objective: str, data, cfg, name: str, options: dict | None = None, init: Path | None = None) -> tuple[dict, list[dict], Path]:

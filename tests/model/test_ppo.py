@@ -8,7 +8,6 @@ the KL to the frozen reference stays bounded.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from lmfoundry.model import ppo, rl
 from lmfoundry.model.generate import Sampling, generate, padding_layout
 from lmfoundry.model.heads import RewardModel, ValueModel, load_reward_model, save_reward_model
 from lmfoundry.model.transformer import Transformer, load_model, resolve, save_model
+from tests.model.conftest import one_rank_world
 
 VOCAB, TARGET, PAD, END, EOS, BOS = 64, 10, 2, 6, 1, 0
 
@@ -37,23 +37,14 @@ def prompts(n: int, seed: int) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """One rank in this process; a tiny random policy and a reward model on its body."""
-    from lmfoundry.model.engine import init_single_process
-
-    saved = dict(os.environ)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    init_single_process()
-    root = tmp_path_factory.mktemp("ppo")
-    torch.manual_seed(0)
-    policy = Transformer(resolve(ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2), VOCAB))
-    save_model(policy.state_dict(), policy.cfg, root / "sft")
-    rm = RewardModel.from_policy(policy)
-    save_reward_model(rm.state_dict(), rm.cfg, root / "rm", {"mean": 1.0, "std": 2.0})
-    yield root
-    os.environ.clear()
-    os.environ.update(saved)
-    torch.set_num_threads(threads)
+    with one_rank_world():
+        root = tmp_path_factory.mktemp("ppo")
+        torch.manual_seed(0)
+        policy = Transformer(resolve(ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2), VOCAB))
+        save_model(policy.state_dict(), policy.cfg, root / "sft")
+        rm = RewardModel.from_policy(policy)
+        save_reward_model(rm.state_dict(), rm.cfg, root / "rm", {"mean": 1.0, "std": 2.0})
+        yield root
 
 
 def run(root, name: str, scorer=count_target, **fields) -> tuple[dict, list[dict]]:

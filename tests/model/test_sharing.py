@@ -19,12 +19,8 @@ VOCAB = 53
 D, F, KV = 32, 128, 16  # d_model, ffn_hidden (8/3 * 32 rounded up to 64s), kv heads x head_dim
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one torch thread (tests/model/conftest.py): on two shared cores intra-op threads spin against other processes
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model(share: int, n_layers: int = 4, seed: int = 0, **overrides) -> Transformer:

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from lmfoundry.model.stability import StabilityMonitor, mean_std
+from lmfoundry.model.stability import StabilityMonitor
 
 
 def feed(monitor: StabilityMonitor, values: list[float], metric: str = "loss", start: int = 1):

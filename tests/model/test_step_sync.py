@@ -11,7 +11,6 @@ for inf/NaN before clipping. Run: .venv/bin/pytest -q tests/model/test_step_sync
 from __future__ import annotations
 
 import json
-import os
 import traceback
 from collections import Counter
 from pathlib import Path
@@ -24,6 +23,7 @@ from lmfoundry.infra.config import ModelConfig, PretrainConfig
 from lmfoundry.infra.store import Store
 from lmfoundry.model.step_checks import DivergenceError
 from tests.model.token_fixtures import commit_tokens, markov_tokens
+from tests.model.conftest import one_rank_world
 
 REPO = str(Path(__file__).resolve().parents[2])
 VOCAB, SEQ = 48, 16
@@ -32,20 +32,11 @@ MODEL = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from lmfoundry.model.engine import init_single_process
-
-    saved = dict(os.environ)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    init_single_process()
-    root = tmp_path_factory.mktemp("sync")
-    store = Store(str(root / "store"))
-    ref = commit_tokens(store, markov_tokens(128, SEQ, VOCAB, seed=0), markov_tokens(16, SEQ, VOCAB, seed=1), VOCAB)
-    yield store, ref, root
-    os.environ.clear()
-    os.environ.update(saved)
-    torch.set_num_threads(threads)
+    with one_rank_world():
+        root = tmp_path_factory.mktemp("sync")
+        store = Store(str(root / "store"))
+        ref = commit_tokens(store, markov_tokens(128, SEQ, VOCAB, seed=0), markov_tokens(16, SEQ, VOCAB, seed=1), VOCAB)
+        yield store, ref, root
 
 
 def trainer(world, name: str, **fields):

@@ -12,13 +12,8 @@ from lmfoundry.model.transformer import Transformer, load_model, resolve, save_m
 VOCAB = 97
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # on a shared 2-core machine, intra-op threads spin against other processes (25x slower)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one torch thread (tests/model/conftest.py): on two shared cores intra-op threads spin against other processes
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**overrides) -> Transformer:
