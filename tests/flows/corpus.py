@@ -10,6 +10,8 @@ from lmfoundry.infra.config import PipelineConfig, build_config
 
 import random
 
+VAL_FRACTION = 0.5  # of the documents, in tokenize's validation split
+
 NOUNS = "river garden window teacher village morning letter harbor kitchen mountain library engine market bridge winter festival painter forest".split()
 VERBS = "carried painted opened followed visited repaired described watched borrowed answered measured collected".split()
 ADJECTIVES = "quiet small ancient bright narrow careful distant busy gentle heavy".split()
@@ -34,14 +36,31 @@ def make_corpus(folder: Path, n_files: int = 12, duplicates: int = 3) -> Path:
     return folder
 
 
+def source_name(corpus: Path) -> str:
+    """'corpus', or 'corpus-N' for the first N that puts some but not all of the first half of the
+    files (the half no test makes a duplicate) into tokenize's validation split. A document's id
+    hashes the source name and the file's absolute path, which changes with every temporary
+    directory: with one fixed name, one run in 256 had an empty split and failed at pretraining."""
+    from lmfoundry.tasks.acquire.ingest import doc_id
+    from lmfoundry.tasks.tokens.tokenize import in_val
+
+    paths = sorted(str(p) for p in corpus.glob("*.txt"))
+    first_half = paths[: max(2, len(paths) // 2)]
+    for n in range(100):
+        name = "corpus" if n == 0 else f"corpus-{n}"
+        if len({in_val(doc_id(name, path), VAL_FRACTION) for path in first_half}) == 2:
+            return name
+    raise AssertionError(f"no source name splits {corpus} into train and val")
+
+
 def config_data(corpus: Path, store: Path, pipeline: str = "test", **compute: Any) -> dict[str, Any]:
     return {
         "store": {"url": str(store), "pipeline": pipeline},
         "compute": {"workers": 2, "progress": False, **compute},
-        "ingest": {"sources": [{"name": "corpus", "paths": [str(corpus / "*.txt")]}], "target_shard_bytes": 1024},
+        "ingest": {"sources": [{"name": source_name(corpus), "paths": [str(corpus / "*.txt")]}], "target_shard_bytes": 1024},
         # a dozen documents: a small vocabulary and a validation share that is not empty
         "tokenizer": {"vocab_size": 400},
-        "tokenize": {"seq_len": 32, "val_fraction": 0.5},
+        "tokenize": {"seq_len": 32, "val_fraction": VAL_FRACTION},
         # a few optimizer steps of a tiny model on one CPU rank
         "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1},
         "pretrain": {
