@@ -32,6 +32,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
 
+from lmfoundry.model.shm import release_at_exit
+
 # what a timed-out collective says: gloo's recv/send wait, its pair closure after a timeout, NCCL's watchdog
 TIMEOUT_MESSAGE = re.compile(r"Timed out waiting|timeout caused pair closure|Watchdog caught collective operation timeout|collective operation timeout", re.I)
 
@@ -49,6 +51,7 @@ def init_distributed(dist) -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=dist.backend, timeout=timedelta(seconds=dist.collective_timeout_s))
+    release_at_exit()  # DeepSpeed would leave this rank's CPU allreduce buffer in /dev/shm
 
 
 def is_collective_timeout(exc: BaseException) -> bool:

@@ -13,6 +13,7 @@ import torch
 from lmfoundry.infra.config_train import TrainRecipe
 from lmfoundry.model.objectives import lm_batch_loss, loss_chunk
 from lmfoundry.model.parallel import tensor_parallel_config
+from lmfoundry.model.shm import release_at_exit
 
 
 def lr_at(step: int, cfg: TrainRecipe) -> float:
@@ -156,6 +157,7 @@ def init_single_process(backend: str = "gloo") -> None:
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     deepspeed.init_distributed(dist_backend=backend)
+    release_at_exit()  # DeepSpeed would leave this rank's CPU allreduce buffer in /dev/shm
 
 
 def _float(value) -> float | None:

@@ -48,6 +48,7 @@ from lmfoundry.infra.config_train import TrainRecipe
 from lmfoundry.infra.files import InputError
 from lmfoundry.infra.heartbeat import StallWatch
 from lmfoundry.infra.store import StageDir, StageRef
+from lmfoundry.model.shm import extensions_dir, remove_shm_buffers, shm_op_built
 
 log = logging.getLogger("lmfoundry.train")
 
@@ -262,24 +263,14 @@ class CheckpointSync:
 # ---------------------------------------------------------------------- one training run
 
 
-def extensions_dir() -> Path:
-    """Where torch caches the C++ ops DeepSpeed compiles on first use."""
-    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-
-
-def shm_op_built() -> bool:
-    """Whether DeepSpeed's CPU shared-memory communication op (built by every CPU rank's
-    init_distributed) is already compiled, so a launch starts in seconds rather than minutes."""
-    return any(extensions_dir().glob("*/deepspeed_shm_comm/*.so"))
-
-
 def train(
     dist: TrainRecipe.Distributed, work: Path, sync: CheckpointSync, section: str = "pretrain", error: type[Exception] = RuntimeError, module: str = "lmfoundry.model.train"
 ) -> None:
     """Run the launcher to completion, uploading checkpoints as they appear."""
     if dist.accelerator == "cpu" and not shm_op_built():
         log.info("first DeepSpeed launch on this machine: compiling its CPU communication op once (about 30 s to 2 min, silent; cached in %s)", extensions_dir())
-    launch = Launch(launch_command(dist, work / "job.json", dist.master_port or free_port(), section, module), launch_env(dist), REPO_ROOT)
+    port = dist.master_port or free_port()
+    launch = Launch(launch_command(dist, work / "job.json", port, section, module), launch_env(dist), REPO_ROOT)
     deadline = time.monotonic() + dist.timeout_s if dist.timeout_s else None
     watch = StallWatch(work, dist.stall_timeout_s, section, error)  # no heartbeat for stall_timeout_s: stop every rank
     try:
@@ -296,6 +287,8 @@ def train(
     except BaseException:
         launch.stop()
         raise
+    finally:
+        remove_shm_buffers(port)  # DeepSpeed leaves each CPU rank's allreduce buffer in /dev/shm (model/shm.py)
     rc = launch.finish()
     sync.sync()  # a checkpoint completed just before the end (or before a crash) still counts
     if rc != 0:
