@@ -15,15 +15,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from lmfoundry.bench._common import commit_doc_shards, rounds_arg
+from lmfoundry.bench._common import commit_doc_shards, pin_cores, rounds_arg
 
 TASKS = "lmfoundry.tasks."
 
@@ -67,6 +69,22 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--warmup must be at least 1 and below --steps (got --warmup {args.warmup}, --steps {args.steps}): a round times the steps after its warm-up")
     if min(args.batch, args.threads, args.seq_len, args.profile_steps) < 1:
         parser.error("--batch, --threads, --seq-len and --profile-steps must be at least 1")
+
+
+def run_benchmark(args: argparse.Namespace, name: str, run: Callable[[Path, "TrlWorker"], int]) -> int:
+    """What every post-training benchmark does around its rounds: quiet logs, pinned cores and
+    threads, a scratch folder (removed unless --work) and TRL's side in its own worker process;
+    ``run(root, worker)`` prints the result line."""
+    quiet()
+    pin_cores(args.threads)
+    torch.set_num_threads(args.threads)
+    root = Path(args.work or tempfile.mkdtemp(prefix=f"lmf-bench-{name}-"))
+    try:
+        with TrlWorker(args.threads) as worker:
+            return run(root, worker)
+    finally:
+        if not args.work:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def quiet() -> None:

@@ -38,14 +38,11 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import shutil
-import tempfile
 from pathlib import Path
 
-import torch
 
 from lmfoundry.bench import _posttrain as pt
-from lmfoundry.bench._common import allowed_cores, alternating_rounds, pin_cores, print_result
+from lmfoundry.bench._common import allowed_cores, alternating_rounds, print_result
 
 TRL = "lmfoundry.bench.dpo:"  # the functions the TRL worker process runs
 
@@ -150,16 +147,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse(argv)
-    pt.quiet()
-    pin_cores(args.threads)
-    torch.set_num_threads(args.threads)
-    root = Path(args.work or tempfile.mkdtemp(prefix="lmf-bench-dpo-"))
-    try:
-        with pt.TrlWorker(args.threads) as worker:
-            return run(args, root, worker)
-    finally:
-        if not args.work:
-            shutil.rmtree(root, ignore_errors=True)
+    return pt.run_benchmark(args, "dpo", lambda root, worker: run(args, root, worker))
 
 
 def run(args: argparse.Namespace, root: Path, worker: pt.TrlWorker) -> int:

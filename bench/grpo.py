@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import shutil
 import statistics
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +43,6 @@ from lmfoundry.bench import _posttrain as pt
 from lmfoundry.bench._common import (
     allowed_cores,
     alternating_rounds,
-    pin_cores,
     print_result,
     rounds_arg,
 )
@@ -221,16 +218,7 @@ def trl_round(args: argparse.Namespace, setup: Setup, out_dir: Path) -> dict[str
 
 def main(argv: list[str]) -> int:
     args = parse(argv)
-    pt.quiet()
-    pin_cores(args.threads)
-    torch.set_num_threads(args.threads)
-    root = Path(args.work or tempfile.mkdtemp(prefix="lmf-bench-grpo-"))
-    try:
-        with pt.TrlWorker(args.threads) as worker:
-            return run(args, root, worker, prepare(args, root))
-    finally:
-        if not args.work:
-            shutil.rmtree(root, ignore_errors=True)
+    return pt.run_benchmark(args, "grpo", lambda root, worker: run(args, root, worker, prepare(args, root)))
 
 
 def rate(result: dict[str, Any], warmup: int, clock: int, per: str) -> float:

@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import shutil
-import tempfile
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -49,7 +47,7 @@ from typing import Any
 import torch
 
 from lmfoundry.bench import _posttrain as pt
-from lmfoundry.bench._common import allowed_cores, alternating_rounds, pin_cores, print_result
+from lmfoundry.bench._common import allowed_cores, alternating_rounds, print_result
 
 TRL = "lmfoundry.bench.sft:"  # the functions the TRL worker process runs
 
@@ -147,16 +145,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse(argv)
-    pt.quiet()
-    pin_cores(args.threads)
-    torch.set_num_threads(args.threads)
-    root = Path(args.work or tempfile.mkdtemp(prefix="lmf-bench-sft-"))
-    try:
-        with pt.TrlWorker(args.threads) as worker:
-            return run(args, root, worker)
-    finally:
-        if not args.work:
-            shutil.rmtree(root, ignore_errors=True)
+    return pt.run_benchmark(args, "sft", lambda root, worker: run(args, root, worker))
 
 
 @dataclass
