@@ -54,6 +54,16 @@ def init_distributed(dist) -> None:
     release_at_exit()  # DeepSpeed would leave this rank's CPU allreduce buffer in /dev/shm
 
 
+def rank_device(dist, local_rank: int):
+    """This rank's torch device: its own GPU (made current) on cuda, else the CPU."""
+    import torch
+
+    if dist.accelerator != "cuda":
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
 def is_collective_timeout(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and bool(TIMEOUT_MESSAGE.search(str(exc)))
 

@@ -61,7 +61,7 @@ from lmfoundry.model.heads import ValueModel, load_reward_model, reward_stats
 from lmfoundry.model.rl import KLController
 from lmfoundry.model.train import COMPLETE, DONE, METRICS, DivergenceError, run_rank, keep_metrics_until, rng_state, set_rng_state, step_tag, write_json_atomic
 from lmfoundry.model.engine import build_engine, lr_at, micro_steps
-from lmfoundry.model.cluster import init_distributed
+from lmfoundry.model.cluster import init_distributed, rank_device
 from lmfoundry.model.transformer import load_model, save_model
 
 SECTION = "ppo"
@@ -112,11 +112,7 @@ class PpoTrainer:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         init_distributed(cfg.distributed)  # with distributed.collective_timeout_s
         self.world = dist.get_world_size()
-        if cfg.distributed.accelerator == "cuda":
-            torch.cuda.set_device(self.local_rank)
-            self.device = torch.device("cuda", self.local_rank)
-        else:
-            self.device = torch.device("cpu")
+        self.device = rank_device(cfg.distributed, self.local_rank)
         self.work = Path(job.work_dir)
         self.checkpoints = self.work / "checkpoints"
         self.metrics_path, self.samples_path = self.work / METRICS, self.work / SAMPLES

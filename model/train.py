@@ -54,7 +54,7 @@ from lmfoundry.infra.config import ModelConfig
 from lmfoundry.infra.config_train import TrainRecipe
 from lmfoundry.infra.heartbeat import beat
 from lmfoundry.infra.store import StageRef, Store
-from lmfoundry.model.cluster import CollectiveTimeout, check_shared_work_dir, collective_errors, init_distributed
+from lmfoundry.model.cluster import CollectiveTimeout, check_shared_work_dir, collective_errors, init_distributed, rank_device
 from lmfoundry.model.universal import load_resharded, needs_reshard, rng_file
 from lmfoundry.model.accel import FLOP_CONVENTION_SHORT as MFU_FLOPS, describe as describe_fast_path, fast_path
 from lmfoundry.model import parallel
@@ -146,11 +146,7 @@ class Trainer:
         self.world = dist.get_world_size()
         # tensor / sequence parallel groups inside the world; data parallel across them (model/parallel.py)
         self.layout = parallel.layout(self.cfg.distributed, self.rank, self.world, self.section)
-        if self.cfg.distributed.accelerator == "cuda":
-            torch.cuda.set_device(self.local_rank)
-            self.device = torch.device("cuda", self.local_rank)
-        else:
-            self.device = torch.device("cpu")
+        self.device = rank_device(self.cfg.distributed, self.local_rank)
         self.work = Path(job.work_dir)
         self.checkpoints = self.work / "checkpoints"
         if self.rank == 0:
